@@ -15,8 +15,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) train_main.py --dataset=demo --depth=18 --data_dir=data/demo --model_dir=runs/demo \
-		--export_dir=saved_models/demo --flagfile=configs/demo.cfg
+	$(PY) train_main.py --flagfile=configs/demo.flags
 
 test: venv
 	$(PY) -m pytest tests

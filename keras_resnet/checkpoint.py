@@ -1,0 +1,217 @@
+"""Crash-safe, resumable checkpoints: weights, optimizer slots, schedule and data position.
+
+Keras's own `BackupAndRestore` reruns the interrupted epoch from its first step and can lose its
+epoch counter, and its weight files are written in place (see shared PITFALLS). Here:
+
+- `tf.train.CheckpointManager` writes each checkpoint under a new prefix and only then updates
+  its index, so a kill during a save leaves the previous checkpoint usable; it keeps the last
+  `keep` checkpoints.
+- The checkpoint holds the model (weights and BatchNorm statistics), the optimizer (slots and
+  step counter, hence the learning-rate schedule position) and `epoch` / `step_in_epoch`, so the
+  input pipeline restarts at the next unseen batch of the interrupted epoch.
+- The best model by validation top-1 is a `.keras` file written to a temporary name and renamed,
+  and its score lives in `best.json` (also written atomically), so it survives restarts.
+"""
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+CHECKPOINT_SUBDIR = "checkpoints"
+BEST_MODEL = "best.keras"
+BEST_JSON = "best.json"
+RUN_JSON = "run.json"
+# Fields of run.json that must match for a checkpoint to be restorable into the new model.
+IDENTITY_FIELDS = ("depth", "variant", "conv_bias", "num_classes")
+
+
+def write_json_atomic(path, data):
+    """Writes JSON to a temp file in the same directory and renames it over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+
+
+class CheckpointMismatchError(ValueError):
+    """The model directory holds a checkpoint of a different network."""
+
+
+def check_run_identity(model_dir, identity):
+    """Records the network identity in run.json, or refuses a directory holding another network."""
+    path = os.path.join(model_dir, RUN_JSON)
+    previous = read_json(path)
+    if previous is not None:
+        differ = {k: (previous.get(k), identity[k]) for k in IDENTITY_FIELDS
+                  if previous.get(k) != identity[k]}
+        if differ:
+            what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+            raise CheckpointMismatchError(
+                f"{model_dir} holds checkpoints of a different model ({what}); "
+                f"use another --model_dir or the original settings.")
+    write_json_atomic(path, identity)
+
+
+class TrainingCheckpoint:
+    """Model + optimizer + data position, saved with `tf.train.CheckpointManager`."""
+
+    def __init__(self, model, optimizer, directory, keep=3, write=True):
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+        self.optimizer = optimizer
+        self.checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch)
+        # Non-chief workers of a multi-worker run must still take part in the save (its ops may
+        # be collective) but write to a private temporary directory that is thrown away.
+        self.directory = directory if write else tempfile.mkdtemp(prefix="ckpt-worker-")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=keep)
+
+    def restore(self):
+        """Restores the latest checkpoint. Returns (epoch, step_in_epoch); (0, 0) for a new run."""
+        path = self.manager.latest_checkpoint
+        if not path:
+            return 0, 0
+        # Slots are created lazily; build them so they are restored now, not deferred.
+        self.optimizer.build(self.checkpoint.model.trainable_variables)
+        status = self.checkpoint.restore(path)
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError as e:
+            raise CheckpointMismatchError(
+                f"{path} does not match this model ({str(e).splitlines()[0][:200]}); "
+                f"use another --model_dir.") from None
+        return int(self.epoch.numpy()), int(self.step_in_epoch.numpy())
+
+    def save(self, epoch, step_in_epoch):
+        self.epoch.assign(epoch)
+        self.step_in_epoch.assign(step_in_epoch)
+        return self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGINT into a flag, so the current step ends, a checkpoint is saved and
+    training stops cleanly (preemption notices send SIGTERM)."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts at once
+        self.signal_name = signal.Signals(signum).name
+        logging.warning("%s received: saving a checkpoint after this step, then stopping.",
+                        self.signal_name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    @property
+    def requested(self):
+        return self.signal_name is not None
+
+
+class TrainingInterrupted(Exception):
+    """Raised from inside `fit` to stop at once (no validation pass) after a signal or a NaN."""
+
+    def __init__(self, reason, epoch, step):
+        super().__init__(f"{reason} at epoch {epoch + 1}, step {step}")
+        self.reason, self.epoch, self.step = reason, epoch, step
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves resumable checkpoints every N steps / T seconds and at epoch ends, and the best model.
+
+    Never saves weights after a non-finite loss, so the last checkpoint is the last good one.
+    `step_offset` is the number of steps of the current epoch done before this `fit` call.
+    """
+
+    def __init__(self, ckpt, steps_per_epoch, every_steps, every_secs, model_dir, stop,
+                 write=True, monitor="val_top1"):
+        super().__init__()
+        self.ckpt = ckpt
+        self.steps_per_epoch = steps_per_epoch
+        self.every_steps = every_steps
+        self.every_secs = every_secs
+        self.model_dir = model_dir
+        self.stop = stop
+        self.write = write
+        self.monitor = monitor
+        self.step_offset = 0
+        self.epoch = 0
+        self._last_save_time = time.monotonic()
+        best = read_json(os.path.join(model_dir, BEST_JSON), {}) if write else {}
+        self.best = best.get(monitor, -math.inf)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.step_offset + batch + 1
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            raise TrainingInterrupted("non-finite loss", self.epoch, step)
+        if self.stop.requested:
+            self._save(self.epoch, step)
+            raise TrainingInterrupted(self.stop.signal_name, self.epoch, step)
+        if step >= self.steps_per_epoch:
+            return  # the epoch-end save (after validation) covers the last step
+        if (self.every_steps and step % self.every_steps == 0) or (
+                self.every_secs and time.monotonic() - self._last_save_time >= self.every_secs):
+            self._save(self.epoch, step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.step_offset = 0
+        logs = logs or {}
+        score = logs.get(self.monitor)
+        if score is not None and score > self.best:
+            self.best = float(score)
+            self._save_best(epoch, logs)
+        self._save(epoch + 1, 0)
+
+    def _save(self, epoch, step):
+        path = self.ckpt.save(epoch, step)
+        self._last_save_time = time.monotonic()
+        logging.info("Saved checkpoint %s (epoch %d, step %d).", path, epoch, step)
+
+    def _save_best(self, epoch, logs):
+        if not self.write:
+            return
+        target = os.path.join(self.model_dir, BEST_MODEL)
+        tmp = os.path.join(self.model_dir, f".tmp-{os.getpid()}-{BEST_MODEL}")
+        self.model.save(tmp)
+        os.replace(tmp, target)
+        record = {k: float(v) for k, v in logs.items() if np.isscalar(v)}
+        record.update(epoch=epoch + 1, path=target)
+        write_json_atomic(os.path.join(self.model_dir, BEST_JSON), record)
+        logging.info("New best %s=%.4f at epoch %d: %s", self.monitor, self.best, epoch + 1, target)

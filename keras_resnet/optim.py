@@ -1,0 +1,70 @@
+"""Learning-rate schedules and the loss, as serializable Keras objects (Keras ops only)."""
+
+import math
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_resnet")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to `peak_lr` over `warmup_steps`, then cosine to 0 or step decay.
+
+    The rate is a function of the optimizer's step counter alone, so a restored optimizer
+    resumes the schedule exactly where it stopped.
+    """
+
+    def __init__(self, peak_lr, total_steps, warmup_steps, kind="cosine", boundaries=(),
+                 decay_factor=0.1):
+        self.peak_lr = float(peak_lr)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.kind = kind
+        self.boundaries = tuple(int(b) for b in boundaries)  # in steps
+        self.decay_factor = float(decay_factor)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        warmup = self.peak_lr * (step + 1.0) / max(self.warmup_steps, 1)
+        if self.kind == "cosine":
+            span = max(self.total_steps - self.warmup_steps, 1)
+            progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+            decayed = 0.5 * self.peak_lr * (1.0 + ops.cos(math.pi * progress))
+        else:
+            passed = sum(ops.cast(step >= b, "float32") for b in self.boundaries) if self.boundaries else 0.0
+            decayed = self.peak_lr * ops.power(self.decay_factor, passed)
+        return ops.where(step < self.warmup_steps, warmup, decayed)
+
+    def get_config(self):
+        return {
+            "peak_lr": self.peak_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "kind": self.kind,
+            "boundaries": list(self.boundaries),
+            "decay_factor": self.decay_factor,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_resnet")
+class SparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy on integer labels with label smoothing (Keras's sparse loss has none)."""
+
+    def __init__(self, num_classes, label_smoothing=0.0, from_logits=False, name="crossentropy",
+                 **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = int(num_classes)
+        self.label_smoothing = float(label_smoothing)
+        self.from_logits = bool(from_logits)
+
+    def call(self, y_true, y_pred):
+        labels = ops.one_hot(ops.reshape(ops.cast(y_true, "int32"), (-1,)), self.num_classes)
+        return keras.losses.categorical_crossentropy(
+            labels, ops.cast(y_pred, "float32"), from_logits=self.from_logits,
+            label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, label_smoothing=self.label_smoothing,
+                      from_logits=self.from_logits)
+        return config

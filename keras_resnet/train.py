@@ -1,0 +1,391 @@
+"""`train_and_evaluate(config)`: strategy, data, model, `model.fit`, checkpoints, export, results."""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from keras_resnet import checkpoint as ckpt_lib
+from keras_resnet import distribute
+from keras_resnet.model import build_resnet
+from keras_resnet.optim import SparseCrossentropy, WarmupSchedule
+
+RESULTS_JSON = "results.json"
+HISTORY_CSV = "history.csv"
+CURVES_PNG = "curves.png"
+SYNTHETIC_CLASSES = 1000
+SYNTHETIC_EXAMPLES = 1281167  # ImageNet's training split, for a realistic epoch length
+
+
+class UserError(Exception):
+    """A problem the user can fix; train_main prints it as one line."""
+
+
+def make_model(config, num_classes):
+    """The network for `config`: uint8 RGB in, float32 probabilities out."""
+    return build_resnet(
+        config.depth,
+        num_classes=num_classes,
+        input_shape=(config.image_size, config.image_size, 3),
+        dropout=config.dropout,
+        l2=config.l2,
+        l1=config.l1,
+        zero_init_residual=config.zero_init_residual,
+        variant=config.variant,
+        conv_bias=config.conv_bias,
+        include_preprocessing=True,
+    )
+
+
+def summarize(config, num_classes=1000):
+    """`--summary`: model.summary(), parameter counts, MACs and a memory estimate. Needs no data."""
+    from keras_resnet import stats
+
+    model = make_model(config, num_classes)
+    lines = []
+    model.summary(print_fn=lambda line, **kwargs: lines.append(line))
+    lines.append(stats.format_summary(model, batch_size=config.batch_size,
+                                      gpu_memory_gib=config.gpu_memory_gib))
+    return "\n".join(lines)
+
+
+def _schedule(config, steps_per_epoch):
+    total = config.epochs * steps_per_epoch
+    return WarmupSchedule(
+        peak_lr=config.learning_rate,
+        total_steps=total,
+        warmup_steps=round(config.warmup_epochs_for_run() * steps_per_epoch),
+        kind=config.lr_schedule,
+        boundaries=[e * steps_per_epoch for e in config.step_decay_epochs],
+    )
+
+
+def _compile(model, config, num_classes, steps_per_epoch, strategy):
+    optimizer = keras.optimizers.SGD(learning_rate=_schedule(config, steps_per_epoch),
+                                     momentum=config.momentum, nesterov=config.nesterov)
+    jit = {"auto": "auto", "true": True, "false": False}[config.jit_compile]
+    model.compile(
+        optimizer=optimizer,
+        loss=SparseCrossentropy(num_classes, label_smoothing=config.label_smoothing),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                 keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")],
+        jit_compile=jit,
+    )
+    return model.optimizer  # LossScaleOptimizer under mixed_float16
+
+
+class ThroughputLogger(keras.callbacks.Callback):
+    """Adds `images_per_sec` (training steps only, not validation) and `learning_rate` to logs."""
+
+    def __init__(self, global_batch_size):
+        super().__init__()
+        self.global_batch_size = global_batch_size
+        self.train_images_per_sec = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._steps, self._start, self._elapsed = 0, time.perf_counter(), 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._steps == 1:  # the first step of a fit call includes tracing: leave it out
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        if self._steps > 1:
+            self._elapsed = time.perf_counter() - self._start
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        timed = self._steps - 1
+        rate = timed * self.global_batch_size / self._elapsed if timed > 0 and self._elapsed else 0.0
+        self.train_images_per_sec.append(rate)
+        logs["images_per_sec"] = rate
+        # With a schedule, `optimizer.learning_rate` is the rate at the current step.
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logging.info("Epoch %d: %.1f images/s, learning rate %.5f", epoch + 1, rate,
+                     logs["learning_rate"])
+
+
+def _load_data(config):
+    """The Source (None for synthetic) and the number of classes; DataError -> UserError."""
+    if config.dataset == "synthetic":
+        return None, SYNTHETIC_CLASSES
+    from pipelines import sources
+
+    try:
+        source = sources.load_source(config.dataset, config.data_dir)
+    except sources.DataError as e:
+        raise UserError(str(e)) from None
+    if source.train is None or source.train.num_examples == 0:
+        raise UserError(f"No training images found for --dataset={config.dataset} under "
+                        f"{config.data_dir}.")
+    logging.info("Dataset %s: %d classes, %d train, %d val images.", source.name,
+                 len(source.class_ids), source.train.num_examples,
+                 source.val.num_examples if source.val else 0)
+    return source, len(source.class_ids)
+
+
+def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoch, skip_steps,
+              num_epochs):
+    """Distributed train dataset for epochs [start_epoch, start_epoch + num_epochs), and val."""
+    from pipelines import dataset as ds_lib
+
+    if source is None:
+        def train_fn(ctx):
+            return ds_lib.synthetic_dataset(
+                batch_size=ctx.get_per_replica_batch_size(config.batch_size),
+                image_size=config.image_size, num_classes=num_classes, seed=config.seed)
+        return strategy.distribute_datasets_from_function(train_fn), None
+
+    def train_fn(ctx):
+        return ds_lib.build_train_dataset(
+            source.train, global_batch_size=config.batch_size, image_size=config.image_size,
+            seed=config.seed, start_epoch=start_epoch, num_epochs=num_epochs,
+            skip_steps=skip_steps, input_context=ctx, deterministic=config.deterministic,
+            cache=config.cache or None, data_service=config.tf_data_service or None)
+
+    train = strategy.distribute_datasets_from_function(train_fn)
+    val = None
+    if source.val is not None and source.val.num_examples:
+        def val_fn(ctx):
+            return ds_lib.build_eval_dataset(
+                source.val, global_batch_size=config.batch_size, image_size=config.image_size,
+                input_context=ctx, cache=config.cache or None)
+        val = strategy.distribute_datasets_from_function(val_fn)
+    return train, val
+
+
+def _steps(config, source):
+    from pipelines import dataset as ds_lib
+
+    num_train = source.train.num_examples if source else SYNTHETIC_EXAMPLES
+    steps = ds_lib.steps_per_epoch(num_train, config.batch_size)
+    if steps == 0:
+        raise UserError(f"--batch_size={config.batch_size} is larger than the training split "
+                        f"({num_train} images); use a smaller batch.")
+    if config.steps_per_epoch:
+        steps = min(steps, config.steps_per_epoch)
+    val_steps = None
+    if source is not None and source.val is not None and source.val.num_examples:
+        val_steps = -(-source.val.num_examples // config.batch_size)
+        if config.validation_steps:
+            val_steps = min(val_steps, config.validation_steps)
+    return steps, val_steps
+
+
+def _callbacks(config, model_dir, writer, checkpoint_cb, throughput):
+    callbacks = [keras.callbacks.TerminateOnNaN(), throughput, checkpoint_cb]
+    if writer:
+        callbacks += [
+            keras.callbacks.CSVLogger(os.path.join(model_dir, HISTORY_CSV), append=True),
+            keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
+        ]
+    return callbacks
+
+
+def _verbose(config):
+    return "auto" if config.verbose == "auto" else int(config.verbose)
+
+
+def train_and_evaluate(config):
+    """Trains `config`, resuming from `model_dir` when it holds a checkpoint; returns results."""
+    config.validate()
+    strategy = distribute.make_strategy(config.distribution, config.tpu)
+    if config.batch_size % strategy.num_replicas_in_sync:
+        raise UserError(f"--batch_size={config.batch_size} does not divide evenly over "
+                        f"{strategy.num_replicas_in_sync} replicas; use a multiple of it.")
+    if config.deterministic:
+        keras.utils.set_random_seed(config.seed)
+        tf.config.experimental.enable_op_determinism()
+    else:
+        keras.utils.set_random_seed(config.seed)
+    policy = distribute.choose_precision(config.mixed_precision, strategy)
+    keras.mixed_precision.set_global_policy(policy)
+
+    writer = distribute.is_chief()
+    model_dir = config.resolved_model_dir
+    if writer:
+        os.makedirs(model_dir, exist_ok=True)
+
+    source, num_classes = _load_data(config)
+    steps_per_epoch, val_steps = _steps(config, source)
+    if writer and source is not None and source.skipped:
+        from pipelines import sources
+
+        report = sources.write_skipped_report(source, model_dir)
+        logging.warning("Skipped %d unreadable files (listed in %s).", len(source.skipped), report)
+
+    identity = {"depth": config.depth, "variant": config.variant, "conv_bias": config.conv_bias,
+                "num_classes": num_classes}
+    with strategy.scope():
+        model = make_model(config, num_classes)
+        optimizer = _compile(model, config, num_classes, steps_per_epoch, strategy)
+        ckpt = ckpt_lib.TrainingCheckpoint(model, optimizer,
+                                           os.path.join(model_dir, ckpt_lib.CHECKPOINT_SUBDIR),
+                                           keep=config.keep_checkpoints, write=writer)
+        try:
+            if writer:
+                ckpt_lib.check_run_identity(model_dir, identity)
+            start_epoch, start_step = ckpt.restore()
+        except ckpt_lib.CheckpointMismatchError as e:
+            raise UserError(str(e)) from None
+    if writer:
+        ckpt_lib.write_json_atomic(os.path.join(model_dir, "config.json"), config.to_dict())
+    if start_epoch or start_step:
+        logging.info("Resumed from %s: epoch %d, step %d of %d (global step %d).",
+                     ckpt.manager.latest_checkpoint, start_epoch + 1, start_step, steps_per_epoch,
+                     int(optimizer.iterations.numpy()))
+        print(f"Resuming at epoch {start_epoch + 1}/{config.epochs}, step "
+              f"{start_step}/{steps_per_epoch}.", flush=True)
+    if start_step >= steps_per_epoch:  # a checkpoint of a longer epoch setting; start next epoch
+        start_epoch, start_step = start_epoch + 1, 0
+    previous = ckpt_lib.read_json(os.path.join(model_dir, RESULTS_JSON))
+    if start_epoch >= config.epochs and previous is not None:
+        print(f"{model_dir} already holds a finished run of {config.epochs} epochs: "
+              f"{json.dumps(previous)}\nRaise --epochs to train further.", flush=True)
+        return previous
+
+    throughput = ThroughputLogger(config.batch_size)
+    with ckpt_lib.StopRequest() as stop:
+        checkpoint_cb = ckpt_lib.CheckpointCallback(
+            ckpt, steps_per_epoch, config.checkpoint_every_steps, config.checkpoint_every_secs,
+            model_dir, stop, write=writer)
+        callbacks = _callbacks(config, model_dir, writer, checkpoint_cb, throughput)
+        # Two fit calls at most: the rest of an interrupted epoch, then the remaining epochs.
+        segments = []
+        if start_step and start_epoch < config.epochs:
+            segments.append((start_epoch, 1, start_step))
+            start_epoch += 1
+        if start_epoch < config.epochs:
+            segments.append((start_epoch, config.epochs - start_epoch, 0))
+        try:
+            for first_epoch, num_epochs, skip in segments:
+                train_ds, val_ds = _datasets(config, source, num_classes, strategy,
+                                             steps_per_epoch, first_epoch, skip, num_epochs)
+                checkpoint_cb.step_offset = skip
+                model.fit(
+                    train_ds,
+                    epochs=first_epoch + num_epochs,
+                    initial_epoch=first_epoch,
+                    steps_per_epoch=steps_per_epoch - skip if num_epochs == 1 and skip else
+                    steps_per_epoch,
+                    validation_data=val_ds,
+                    validation_steps=val_steps,
+                    callbacks=callbacks,
+                    verbose=_verbose(config),
+                )
+        except ckpt_lib.TrainingInterrupted as e:
+            if e.reason == "non-finite loss":
+                raise UserError(
+                    f"Training stopped: the loss became NaN/inf at epoch {e.epoch + 1}, step "
+                    f"{e.step}. The last good checkpoint is kept in {ckpt.directory}; lower "
+                    f"--base_learning_rate or use --mixed_precision=float32 and run again.")
+            logging.warning("Stopped by %s at epoch %d, step %d; checkpoint saved. Run the same "
+                            "command again to resume.", e.reason, e.epoch + 1, e.step)
+            return None
+
+    return _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch, optimizer,
+                   throughput)
+
+
+def _best_metrics(model_dir):
+    """Validation metrics and path of the best model; ({}, None) when nothing was validated."""
+    best_path = os.path.join(model_dir, ckpt_lib.BEST_MODEL)
+    best = ckpt_lib.read_json(os.path.join(model_dir, ckpt_lib.BEST_JSON))
+    if best and os.path.exists(best_path):
+        return {k: best.get(f"val_{k}") for k in ("top1", "top5", "loss")}, best_path
+    return {}, None
+
+
+def _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch, optimizer,
+            throughput):
+    metrics, best_path = _best_metrics(model_dir)
+    if not writer:
+        return None
+    class_ids = source.class_ids if source else [str(i) for i in range(SYNTHETIC_CLASSES)]
+    class_names = source.class_names if source else class_ids
+    export_path = None
+    if config.export:
+        from keras_resnet import export
+
+        export.write_classes_json(os.path.join(model_dir, "classes.json"), class_ids, class_names)
+        serving_model = keras.saving.load_model(best_path, compile=False) if best_path else model
+        export_path = export.export_saved_model(
+            serving_model, config.resolved_export_dir, image_size=config.image_size,
+            class_ids=class_ids, class_names=class_names)
+    history = _read_history(os.path.join(model_dir, HISTORY_CSV))
+    rates = [r for r in history.get("images_per_sec", []) if r > 0] or throughput.train_images_per_sec
+    results = {
+        "val_top1": metrics.get("top1"),
+        "val_top5": metrics.get("top5"),
+        "val_loss": metrics.get("loss"),
+        "best_checkpoint": best_path,
+        "epochs": config.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "global_step": int(optimizer.iterations.numpy()),
+        "train_images_per_sec": float(np.median(rates)) if len(rates) else None,
+        "export_dir": export_path,
+        "dataset": config.dataset,
+        "depth": config.depth,
+        "batch_size": config.batch_size,
+        "precision_policy": keras.mixed_precision.global_policy().name,
+        "replicas": strategy.num_replicas_in_sync,
+    }
+    ckpt_lib.write_json_atomic(os.path.join(model_dir, RESULTS_JSON), results)
+    _plot_curves(history, os.path.join(model_dir, CURVES_PNG))
+    logging.info("Results: %s", json.dumps(results))
+    print(json.dumps(results, indent=2), flush=True)
+    return results
+
+
+def _read_history(path):
+    """history.csv (appended across restarts) -> {column: [values]}, last row per epoch wins."""
+    import csv
+
+    if not os.path.exists(path):
+        return {}
+    rows = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row.get("epoch", "").strip().isdigit():
+                rows[int(row["epoch"])] = row
+    columns = {}
+    for epoch in sorted(rows):
+        for key, value in rows[epoch].items():
+            try:
+                columns.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                pass
+    return columns
+
+
+def _plot_curves(history, path):
+    """Loss and top-1 per epoch, train and validation, as a PNG."""
+    if not history.get("epoch"):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e + 1 for e in history["epoch"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, title in ((axes[0], "loss", "loss"), (axes[1], "top1", "top-1 accuracy")):
+        for prefix, label in (("", "train"), ("val_", "validation")):
+            values = history.get(prefix + metric)
+            if values:
+                ax.plot(epochs[:len(values)], values, marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,182 @@
+"""Kill -9 a training run mid-epoch (and once inside a checkpoint write), restart, and check that
+it resumed, that no step is done twice or skipped, and that the weights equal an uninterrupted
+run's (deterministic mode, CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.kaggle_tree import make_kaggle_tree
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS = 2
+BATCH = 2
+
+# Runs train_main with tf.train.Checkpoint._write patched: the KILL_AT_SAVE-th checkpoint write
+# leaves its files torn (data file cut in half) and the process is SIGKILLed before the
+# checkpoint index is updated -- what a kill in the middle of a save leaves behind.
+TORN_WRITE_RUNNER = r"""
+import glob, os, signal, sys
+sys.path.insert(0, os.environ["REPO"])
+import tensorflow as tf
+from tensorflow.python.checkpoint import checkpoint_options
+
+kill_at = int(os.environ["KILL_AT_SAVE"])
+calls = [0]
+original = tf.train.Checkpoint._write
+
+def torn_write(self, prefix, options=None):
+    calls[0] += 1
+    if calls[0] < kill_at:
+        return original(self, prefix, options=options)
+    original(self, prefix, options=checkpoint_options.CheckpointOptions())  # no index update
+    for data in glob.glob(prefix + ".data-*"):
+        with open(data, "r+b") as f:
+            f.truncate(os.path.getsize(data) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+tf.train.Checkpoint._write = torn_write
+import train_main
+sys.argv = ["train_main.py"] + sys.argv[1:]
+train_main.run()
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    make_kaggle_tree(root, num_classes=3, train_per_class=4, val_per_class=2, image_size=40)
+    return str(root)  # 12 train images + CMYK + PNG = 14 -> 7 steps per epoch at batch 2
+
+
+def flags(data_dir, run_dir, **extra):
+    values = dict(dataset="imagenet", data_dir=data_dir, depth=18, image_size=32,
+                  batch_size=BATCH, epochs=EPOCHS, validation_steps=1, mixed_precision="float32",
+                  model_dir=os.path.join(run_dir, "run"), export="false", verbose="2",
+                  checkpoint_every_steps=1, deterministic="true", seed=3)
+    values.update(extra)
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def latest_step(run_dir):
+    path = tf.train.latest_checkpoint(os.path.join(run_dir, "run", "checkpoints"))
+    return int(path.rsplit("-", 1)[1]) if path else 0
+
+
+def run_to_end(args, env=None):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train_main.py"), *args],
+                            capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def start_and_kill_at(args, step, sig=signal.SIGKILL):
+    """Starts a run and sends `sig` once its latest checkpoint reaches global step `step`."""
+    run_dir = os.path.dirname(args_value(args, "model_dir"))
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_main.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while latest_step(run_dir) < step:
+        assert proc.poll() is None, f"run ended before step {step}:\n{proc.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "run too slow"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0]
+    return proc.returncode, output
+
+
+def args_value(args, name):
+    return next(a.split("=", 1)[1] for a in args if a.startswith(f"--{name}="))
+
+
+def final_weights(run_dir):
+    reader = tf.train.load_checkpoint(os.path.join(run_dir, "run", "checkpoints"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+    run_to_end(flags(data_dir, run_dir))
+    return run_dir
+
+
+def results(run_dir):
+    return json.loads(open(os.path.join(run_dir, "run", "results.json")).read())
+
+
+def assert_same_run(run_dir, reference_dir):
+    got, want = results(run_dir), results(reference_dir)
+    assert got["global_step"] == EPOCHS * got["steps_per_epoch"] == want["global_step"]
+    a, b = final_weights(run_dir), final_weights(reference_dir)
+    assert a.keys() == b.keys() and len(a) > 100
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_sigkill_mid_epoch_resumes_exactly(data_dir, uninterrupted, tmp_path):
+    run_dir = str(tmp_path)
+    args = flags(data_dir, run_dir)
+    code, _ = start_and_kill_at(args, step=3)  # epoch 1 of 2, step 3 of 7
+    assert code == -signal.SIGKILL
+    killed_at = latest_step(run_dir)
+    assert 3 <= killed_at < EPOCHS * 7
+    resumed = run_to_end(args)
+    assert "Resuming at epoch" in resumed.stdout
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(data_dir, uninterrupted, tmp_path):
+    run_dir = str(tmp_path)
+    args = flags(data_dir, run_dir)
+    env = dict(os.environ, REPO=REPO, KILL_AT_SAVE="5")
+    torn = subprocess.run([sys.executable, "-c", TORN_WRITE_RUNNER, *args], capture_output=True,
+                          text=True, timeout=600, cwd=REPO, env=env)
+    assert torn.returncode == -signal.SIGKILL, torn.stderr[-3000:]
+    assert latest_step(run_dir) == 4  # the torn 5th save is not in the index
+    resumed = run_to_end(args)
+    assert "Resuming at epoch 1/2, step 4/7" in resumed.stdout
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dir, uninterrupted, tmp_path):
+    run_dir = str(tmp_path)
+    args = flags(data_dir, run_dir, checkpoint_every_steps=5)
+    code, output = start_and_kill_at(args, step=5, sig=signal.SIGTERM)
+    assert code == 0, output[-3000:]
+    assert "Stopped by SIGTERM" in output
+    resumed = run_to_end(args)
+    assert "Resuming at epoch" in resumed.stdout
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_best_score_survives_restart(data_dir, uninterrupted):
+    best = json.loads(open(os.path.join(uninterrupted, "run", "best.json")).read())
+    assert 1 <= best["epoch"] <= EPOCHS and "val_top1" in best
+    # A restart of a finished run changes nothing and reports the finished results.
+    before = os.path.getmtime(os.path.join(uninterrupted, "run", "best.keras"))
+    again = run_to_end(flags(data_dir_of(uninterrupted), uninterrupted))
+    assert "already holds a finished run" in again.stdout
+    assert os.path.getmtime(os.path.join(uninterrupted, "run", "best.keras")) == before
+
+
+def data_dir_of(run_dir):
+    return json.loads(open(os.path.join(run_dir, "run", "config.json")).read())["data_dir"]
+
+
+def test_checkpoint_of_another_depth_is_refused(data_dir, uninterrupted, tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_main.py"),
+         *flags(data_dir, uninterrupted, depth=34, epochs=3)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode != 0
+    assert "different model" in result.stderr and "depth: checkpoint 18 vs now 34" in result.stderr
+    assert "Traceback" not in result.stderr

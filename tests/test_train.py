@@ -1,0 +1,111 @@
+"""train_main.py / train_and_evaluate: a real train+eval step, the demo learning, flag errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from keras_resnet.config import Config
+from tests.kaggle_tree import make_kaggle_tree
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_KEYS = ("val_top1", "val_top5", "val_loss", "epochs", "steps_per_epoch", "global_step",
+               "train_images_per_sec", "export_dir")
+
+
+def tiny_config(tmp_path, **overrides):
+    """ResNet-18 at 32 px, float32, a couple of steps: the smallest real run."""
+    values = dict(dataset="imagenet", depth=18, image_size=32, batch_size=2, epochs=1,
+                  steps_per_epoch=2, validation_steps=1, mixed_precision="float32",
+                  model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "export"),
+                  verbose="2", checkpoint_every_steps=1)
+    values.update(overrides)
+    return Config(**values)
+
+
+def run_main(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(REPO, "train_main.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_train_and_evaluate_one_real_step(tmp_path):
+    from keras_resnet.train import train_and_evaluate
+
+    tree = make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=3,
+                            val_per_class=2, image_size=40)
+    config = tiny_config(tmp_path, data_dir=str(tmp_path / "imagenet"), steps_per_epoch=1)
+    results = train_and_evaluate(config)
+
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    for key in RESULT_KEYS:
+        assert key in on_disk, key
+    assert on_disk["global_step"] == 1 and on_disk["steps_per_epoch"] == 1
+    assert 0.0 <= on_disk["val_top1"] <= on_disk["val_top5"] <= 1.0
+    assert on_disk["val_loss"] > 0
+    assert (run / "curves.png").stat().st_size > 1000
+    assert (run / "history.csv").read_text().count("\n") == 2  # header + one epoch
+    assert (run / "best.keras").exists() and (run / "config.json").exists()
+    # The export is a versioned SavedModel.
+    assert os.path.isfile(os.path.join(on_disk["export_dir"], "saved_model.pb"))
+    # The tree's broken files were skipped, counted and reported with their reasons.
+    report = (run / "skipped_files.tsv").read_text()
+    assert len(tree["broken"]) == 3
+    for path in tree["broken"]:
+        assert os.path.basename(path) in report
+
+
+def test_summary_needs_no_data_and_counts_are_right():
+    result = run_main("--depth=18", "--summary", "--image_size=224", "--dataset=imagenet",
+                      "--data_dir=/nonexistent/imagenet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "11,689,512" in result.stdout  # torchvision's trainable count for ResNet-18
+    assert "stage4_block2_conv2" in result.stdout  # model.summary() is printed
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--depth=42", "valid: 18, 34, 50, 101, 152"),
+    ("--mixed_precision=fp8", "valid: auto, float32, mixed_float16, mixed_bfloat16"),
+    ("--dataset=cifar", "tfds:NAME"),
+    ("--batch_size=0", "--batch_size=0"),
+])
+def test_bad_flags_give_one_line_errors(flag, expected):
+    result = run_main(flag, "--summary")
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_imagenet_says_how_to_get_it(tmp_path):
+    result = run_main("--dataset=imagenet", f"--data_dir={tmp_path / 'nothing'}", "--depth=18",
+                      f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "python -m keras_resnet.download" in result.stderr
+    assert "--dataset=demo" in result.stderr
+
+
+def test_batch_must_divide_over_replicas(tmp_path, monkeypatch):
+    from keras_resnet import train
+
+    class TwoReplicas:
+        num_replicas_in_sync = 2
+
+    monkeypatch.setattr(train.distribute, "make_strategy", lambda *a: TwoReplicas())
+    with pytest.raises(train.UserError, match="--batch_size=3 does not divide evenly over 2"):
+        train.train_and_evaluate(tiny_config(tmp_path, batch_size=3, dataset="synthetic"))
+
+
+def test_demo_learns_well_above_chance(tmp_path):
+    """A short demo run (10 classes: chance is 10%) must learn."""
+    result = run_main("--flagfile=configs/demo.flags", f"--data_dir={tmp_path / 'demo'}",
+                      f"--model_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'export'}",
+                      "--image_size=32", "--epochs=4", "--verbose=2", "--export=false",
+                      timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["val_top1"] >= 0.5, results
+    assert results["global_step"] == 4 * results["steps_per_epoch"]

@@ -1,0 +1,111 @@
+"""Train a ResNet on ImageNet (or the demo / a TFDS dataset) with Keras `model.fit`.
+
+    python train_main.py --depth=152 --batch_size=128
+    python train_main.py --dataset=demo --depth=18 --epochs=10
+    python train_main.py --depth=152 --summary          # architecture, MACs, memory; no data
+
+Run the same command again after a crash or a kill: training resumes where it stopped.
+Flags can also come from a file: --flagfile=my_run.flags. Every flag is a `Config` field.
+"""
+
+import dataclasses
+import sys
+
+from absl import app, flags, logging
+
+from keras_resnet.config import Config
+
+HELP = {
+    "depth": "ResNet depth: 18, 34, 50, 101 or 152.",
+    "variant": "v1.5 (stride on the 3x3 conv, torchvision) or v1 (stride on the first 1x1, paper).",
+    "conv_bias": "Give every convolution a bias (as the seed's PyTorch model).",
+    "dropout": "Dropout rate before the classifier (0 disables it).",
+    "zero_init_residual": "Start the last BatchNorm gamma of each residual block at zero.",
+    "dataset": "imagenet (Kaggle or ImageFolder layout at --data_dir), demo, synthetic, tfds:NAME.",
+    "data_dir": "Where the dataset lies (for demo: where it is generated on first use).",
+    "image_size": "Training crop / evaluation size in pixels.",
+    "cache": "Cache decoded eval images and the encoded train files: '' (off), 'memory', or a path.",
+    "tf_data_service": "grpc://HOST:PORT of a tf.data service dispatcher to run the input pipeline.",
+    "batch_size": "Global batch size, split evenly across replicas.",
+    "epochs": "Number of epochs.",
+    "base_learning_rate": "Learning rate per 256 images; the peak rate is this x batch_size/256.",
+    "lr_schedule": "cosine or step (x0.1 at --step_decay_epochs), after linear warm-up.",
+    "warmup_epochs": "Linear warm-up epochs (capped at epochs/6 for short runs).",
+    "step_decay_epochs": "Epochs at which the step schedule multiplies the rate by 0.1.",
+    "momentum": "SGD momentum.",
+    "nesterov": "Use Nesterov momentum.",
+    "label_smoothing": "Label smoothing of the cross-entropy loss.",
+    "weight_decay": "Weight decay on conv and Dense kernels (as an L2 regularizer of half this).",
+    "l1": "L1 regularizer strength on conv and Dense kernels.",
+    "steps_per_epoch": "Training steps per epoch (0: the whole training split).",
+    "validation_steps": "Validation steps per epoch (0: the whole validation split).",
+    "model_dir": "Checkpoints, logs, results.json (default runs/resnet{depth}_{dataset}).",
+    "export_dir": "SavedModel export base (default saved_models/resnet{depth}_{dataset}).",
+    "export": "Export a SavedModel when training ends.",
+    "mixed_precision": "auto, float32, mixed_float16 or mixed_bfloat16.",
+    "distribution": "auto, one_device, mirrored, multi_worker (TF_CONFIG) or tpu.",
+    "tpu": "TPU name or grpc:// address for --distribution=tpu.",
+    "jit_compile": "XLA compilation of the train step: auto, true or false.",
+    "seed": "Random seed (data order, augmentation, initialisation).",
+    "deterministic": "Reproducible run: deterministic ops and input order (slower).",
+    "checkpoint_every_steps": "Save a resumable checkpoint every N steps (0: only per epoch).",
+    "checkpoint_every_secs": "Also save when this many seconds passed since the last save (0: off).",
+    "keep_checkpoints": "How many recent checkpoints to keep.",
+    "verbose": "Keras progress output: auto, 0, 1 (progress bar) or 2 (one line per epoch).",
+    "summary": "Print the model summary, parameter counts, MACs and a memory estimate, then exit.",
+    "gpu_memory_gib": "Accelerator memory for the largest-batch estimate of --summary.",
+}
+
+
+def _define_flags():
+    """One absl flag per Config field, with the field's default."""
+    for field in dataclasses.fields(Config):
+        default, name, help_text = field.default, field.name, HELP[field.name]
+        if isinstance(default, bool):
+            flags.DEFINE_bool(name, default, help_text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, default, help_text)
+        elif isinstance(default, float):
+            flags.DEFINE_float(name, default, help_text)
+        elif isinstance(default, tuple):
+            flags.DEFINE_list(name, [str(v) for v in default], help_text)
+        else:
+            flags.DEFINE_string(name, default, help_text)
+
+
+_define_flags()
+FLAGS = flags.FLAGS
+
+
+def config_from_flags():
+    return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}. Flags look like --depth=50.")
+    try:
+        config = config_from_flags().validate()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+    from keras_resnet import train  # heavy import (TensorFlow) after flags are checked
+
+    if config.summary:
+        print(train.summarize(config))
+        return 0
+    try:
+        train.train_and_evaluate(config)
+    except train.UserError as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
