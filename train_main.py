@@ -9,6 +9,8 @@ Flags can also come from a file: --flagfile=my_run.flags. Every flag is a `Confi
 """
 
 import dataclasses
+import logging as py_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -89,7 +91,10 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
 
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ INFO lines
     from keras_resnet import train  # heavy import (TensorFlow) after flags are checked
+
+    py_logging.getLogger("tensorflow").setLevel(py_logging.WARNING)  # TF's Python INFO chatter
 
     if config.summary:
         print(train.summarize(config))

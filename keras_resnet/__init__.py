@@ -1,16 +1,17 @@
-"""keras_resnet: ResNet-18/34/50/101/152 for ImageNet with TensorFlow and Keras 3."""
+"""keras_resnet: ResNet-18/34/50/101/152 for ImageNet with TensorFlow and Keras 3.
 
-from keras_resnet.model import (
-    DEPTHS,
-    STAGES,
-    ResNet18,
-    ResNet34,
-    ResNet50,
-    ResNet101,
-    ResNet152,
-    build_resnet,
-)
+The model API is imported lazily, so light commands (`python -m keras_resnet.download`) do not
+start TensorFlow.
+"""
 
+__version__ = "0.1.0"
 __all__ = ["DEPTHS", "STAGES", "build_resnet", "ResNet18", "ResNet34", "ResNet50", "ResNet101",
            "ResNet152"]
-__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in __all__:
+        from keras_resnet import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'keras_resnet' has no attribute {name!r}")

@@ -278,6 +278,7 @@ def train_and_evaluate(config):
                     validation_steps=val_steps,
                     callbacks=callbacks,
                     verbose=_verbose(config),
+                    shuffle=False,  # the pipeline shuffles, per epoch and resumably
                 )
         except ckpt_lib.TrainingInterrupted as e:
             if e.reason == "non-finite loss":

@@ -1,0 +1,106 @@
+"""Print the top-5 classes of images, from an exported SavedModel or a .keras checkpoint.
+
+    python -m keras_resnet.predict --model=saved_models/resnet50_imagenet cat.jpg dog.png
+    python -m keras_resnet.predict --model=runs/resnet50_imagenet/best.keras cat.jpg
+
+--model is a SavedModel version directory, an export base directory (its highest version is
+used), a .keras file (class names from the classes.json beside it), or a training directory
+(its best.keras, else latest.keras). Exits with status 1 if any image could not be read.
+"""
+
+import argparse
+import os
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_resnet import export
+from pipelines.preprocessing import preprocess_for_eval
+
+
+def load_predictor(path, image_size=None):
+    """Returns `predict(image_bytes) -> (scores, labels, names)`, the top 5 for one image."""
+    saved_model = export.latest_version_dir(path) if os.path.isdir(path) else None
+    if saved_model:
+        serve = tf.saved_model.load(saved_model).signatures["serving_default"]
+
+        def predict(image_bytes):
+            out = serve(image_bytes=tf.constant([image_bytes]))
+            return tuple(out[k][0].numpy() for k in ("scores", "labels", "names"))
+
+        return predict
+
+    checkpoint = export.find_checkpoint(path) if os.path.isdir(path) else path
+    if not checkpoint or not os.path.isfile(checkpoint):
+        raise ValueError(f"{path} is neither a SavedModel, an export directory with versions, "
+                         "a .keras file nor a directory with best.keras / latest.keras.")
+    model = keras.saving.load_model(checkpoint, compile=False)
+    image_size = image_size or model.inputs[0].shape[1] or 224
+    num_classes = model.outputs[0].shape[-1]
+    class_ids, class_names = export.load_classes_for(checkpoint, num_classes)
+    probabilities = export.probabilities_fn(model)
+    k = min(export.TOP_K, num_classes)
+
+    def predict(image_bytes):
+        probs = probabilities(preprocess_for_eval(image_bytes, image_size)[None])[0].numpy()
+        top = np.argsort(-probs, kind="stable")[:k]
+        return probs[top], [class_ids[i] for i in top], [class_names[i] for i in top]
+
+    return predict
+
+
+def _error_line(e):
+    """The informative line of a TensorFlow error (not the graph and node boilerplate)."""
+    for line in str(getattr(e, "message", e)).splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Graph execution error", "Detected at node",
+                                         "<stack traces", "[[")):
+            return line.removeprefix("assertion failed: [").removesuffix("]")
+    return type(e).__name__
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m keras_resnet.predict",
+                                     description="Top-5 classes of images.")
+    parser.add_argument("--model", required=True,
+                        help="SavedModel (version or base directory), .keras file or model_dir.")
+    parser.add_argument("--image_size", type=int,
+                        help="Eval crop size for a .keras model (default: its input size).")
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    args = parser.parse_args(argv)
+
+    if not os.path.exists(args.model):
+        sys.exit(f"error: model {args.model} not found.")
+    try:
+        predict = load_predictor(args.model, args.image_size)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+    failed = 0
+    for path in args.images:
+        try:
+            with open(path, "rb") as f:
+                scores, labels, names = predict(f.read())
+        except OSError as e:
+            print(f"error: cannot read {path}: {e.strerror}.", file=sys.stderr)
+            failed += 1
+            continue
+        except tf.errors.InvalidArgumentError as e:
+            print(f"error: cannot decode {path}: {_error_line(e)}.", file=sys.stderr)
+            failed += 1
+            continue
+        print(path)
+        for score, label, name in zip(scores, labels, names):
+            print(f"  {score:.4f}  {_text(label)}  {_text(name)}")
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,519 @@
+"""Where the images are: Kaggle ImageNet, ImageFolder, TFDS, demo, synthetic -> `Source`.
+
+`load_source(dataset, data_dir)` returns file lists and 0-based labels; decoding happens later in
+`pipelines.dataset`. Layouts read where they lie (no files are moved):
+
+* Kaggle, as extracted: `LOC_synset_mapping.txt` (class i = line i = i-th sorted wnid),
+  `ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG`, flat `val/` labelled by `LOC_val_solution.csv`.
+* ImageFolder: `train/<class>/*`, `val/<class>/*` (what valprep.sh produces).
+
+Listing and screening 1.28M files is slow, so the index (file lists, labels, skipped files) is
+cached in `DIR/.keras_resnet_index.npz`, or under `cache_dir` / `~/.cache/keras_resnet` when DIR
+is read-only. The cache key is the mtime of every split and class directory plus the size and
+mtime of the label files: adding, removing or renaming a file changes its directory's mtime.
+Rewriting a file in place does not; delete the cache file to force a rescan after doing that.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+SYNSET_MAPPING = "LOC_synset_mapping.txt"
+VAL_SOLUTION = "LOC_val_solution.csv"
+KAGGLE_IMAGE_ROOT = os.path.join("ILSVRC", "Data", "CLS-LOC")
+INDEX_FILE = ".keras_resnet_index.npz"
+EXTRACTING_MARKER = ".keras_resnet_extracting"   # keras_resnet.download: extraction unfinished
+INDEX_VERSION = 1
+DEFAULT_CACHE_DIR = os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+    "keras_resnet",
+    "index",
+)
+SKIPPED_REPORT = "skipped_files.tsv"
+SYNTHETIC_NUM_CLASSES = 1000
+SCREEN_THREADS = 32          # screening is I/O bound (two small reads a file): threads overlap waits
+SCREEN_BATCH = 2048          # files per thread-pool task, to keep per-future overhead small
+TAIL_BYTES = 64              # JPEGs may carry a few padding bytes after the EOI marker
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG"
+OTHER_MAGIC = {b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "RIFF/WebP", b"II*\x00": "TIFF",
+               b"MM\x00*": "TIFF"}
+
+FIX_HINT = ("download ImageNet with `python -m keras_resnet.download --data_dir=DIR`, "
+            "or try `--dataset=demo`")
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message says how (one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split. File-based sources set `files`; TFDS sets `records` and leaves `files` None."""
+
+    files: np.ndarray | None        # absolute str paths (dtype object), sorted
+    labels: np.ndarray | None       # int64, 0-based, one per file
+    records: Callable[[], object] | None = None   # () -> tf.data.Dataset of (bytes, int64 label)
+    num_examples: int | None = None  # len(files) when not given
+
+    def __post_init__(self):
+        if self.num_examples is None:
+            if self.files is None:
+                raise ValueError("Split needs files or num_examples")
+            object.__setattr__(self, "num_examples", len(self.files))
+        if self.files is not None and len(self.files) != len(self.labels):
+            raise ValueError(f"Split has {len(self.files)} files but {len(self.labels)} labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Classes and splits of one dataset; see the module docstring for the layouts."""
+
+    name: str
+    class_ids: list[str]
+    class_names: list[str]
+    train: Split | None
+    val: Split | None
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    layout: str = ""                # "kaggle", "imagefolder", "tfds", "synthetic"
+    root: str = ""                  # directory the paths live under ("" for TFDS/synthetic)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+    def summary(self) -> str:
+        """One line for the start-up log: classes and counts per split."""
+        parts = [f"{self.name} ({self.layout}{' at ' + self.root if self.root else ''}): "
+                 f"{self.num_classes} classes"]
+        for split_name, split in (("train", self.train), ("val", self.val)):
+            if split is not None:
+                parts.append(f"{split_name} {split.num_examples:,}")
+        if self.skipped:
+            parts.append(f"skipped {len(self.skipped):,} unreadable files")
+        return ", ".join(parts)
+
+
+def load_source(dataset: str, data_dir: str, *, cache_dir: str | None = None,
+                screen: bool = True) -> Source:
+    """Returns the `Source` for `dataset`: "imagenet", "demo", "tfds:NAME", "synthetic[:N]".
+
+    "imagenet" detects the Kaggle or ImageFolder layout under `data_dir`. "demo" writes a small
+    dataset in the Kaggle layout on first use. "synthetic" has class ids but no splits
+    (train = val = None): `pipelines.dataset.synthetic_dataset` makes the tensors.
+    `screen=False` skips the per-file header check when building the index.
+    """
+    if dataset == "imagenet":
+        return _load_folder_source("imagenet", _require_dir(data_dir), cache_dir, screen)
+    if dataset == "demo":
+        from pipelines import demo  # local: only the demo needs PIL
+        root = demo.make_demo(os.path.expanduser(data_dir))
+        return _load_folder_source("demo", root, cache_dir, screen)
+    if dataset.startswith("tfds:") and len(dataset) > 5:
+        return _load_tfds(dataset[5:], data_dir)
+    if dataset == "synthetic" or dataset.startswith("synthetic:"):
+        return _synthetic_source(dataset)
+    raise DataError(f"unknown dataset {dataset!r}: use imagenet, demo, tfds:NAME (e.g. "
+                    "tfds:imagenet2012) or synthetic")
+
+
+def write_skipped_report(source: Source, model_dir: str) -> str:
+    """Writes `<model_dir>/skipped_files.tsv` (path, reason per line) and returns its path.
+
+    Written (atomically) even when nothing was skipped, so its presence says the check ran.
+    """
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, SKIPPED_REPORT)
+    lines = ["path\treason\n"] + [f"{p}\t{reason}\n" for p, reason in source.skipped]
+    _atomic_write(path, "".join(lines).encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout detection
+
+
+def _require_dir(data_dir: str) -> str:
+    if not data_dir:
+        raise DataError(f"--data_dir is empty: {FIX_HINT}")
+    root = os.path.abspath(os.path.expanduser(data_dir))
+    if not os.path.isdir(root):
+        raise DataError(f"data_dir {root} does not exist: {FIX_HINT}")
+    return root
+
+
+def _check_extraction_finished(directory: str) -> None:
+    if os.path.exists(os.path.join(directory, EXTRACTING_MARKER)):
+        raise DataError(f"the extraction into {directory} did not finish: run `python -m "
+                        f"keras_resnet.download --data_dir={directory}` again to complete it")
+
+
+def _find_layout(root: str) -> tuple[str, str | None, str]:
+    """Returns (image_root holding train/ and val/, directory of LOC_* files or None, layout)."""
+    # data_dir may be the Kaggle root, ILSVRC/Data/CLS-LOC itself, or an ImageFolder root.
+    for image_root in (os.path.join(root, KAGGLE_IMAGE_ROOT), root):
+        if os.path.isdir(os.path.join(image_root, "train")) or os.path.isdir(
+                os.path.join(image_root, "val")):
+            break
+    else:
+        raise DataError(f"no train/ or val/ folder in {root} nor in "
+                        f"{os.path.join(root, KAGGLE_IMAGE_ROOT)}: {FIX_HINT}")
+    kaggle_root = os.path.dirname(os.path.dirname(os.path.dirname(image_root)))
+    for meta_dir in (root, image_root, kaggle_root):
+        if os.path.isfile(os.path.join(meta_dir, SYNSET_MAPPING)) or os.path.isfile(
+                os.path.join(meta_dir, VAL_SOLUTION)):
+            return image_root, meta_dir, "kaggle"
+    return image_root, None, "imagefolder"
+
+
+def _read_synset_mapping(path: str) -> tuple[list[str], list[str]]:
+    """Returns (wnids, names) sorted by wnid; the Kaggle file is already sorted (line i = class i)."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            wnid, _, name = line.partition(" ")
+            pairs.append((wnid, name.strip() or wnid))
+    if not pairs:
+        raise DataError(f"{path} is empty: re-extract it with "
+                        "`python -m keras_resnet.download --data_dir=DIR`")
+    if len({w for w, _ in pairs}) != len(pairs):
+        raise DataError(f"{path} lists a wnid twice: re-extract it")
+    pairs.sort()
+    return [w for w, _ in pairs], [n for _, n in pairs]
+
+
+def _read_val_solution(path: str) -> dict[str, str]:
+    """ImageId -> wnid of the first box. Rows are not sorted and may carry several boxes."""
+    labels = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            raise DataError(f"{path}: expected header 'ImageId,PredictionString', got {header}")
+        for row in reader:
+            if len(row) >= 2 and row[1].split():
+                labels[row[0].strip()] = row[1].split()[0]
+    return labels
+
+
+def _list_files(directory: str) -> list[str]:
+    """Names of the visible regular files in `directory` (hidden files are temp or metadata)."""
+    with os.scandir(directory) as it:
+        return [e.name for e in it if e.is_file() and not e.name.startswith(".")]
+
+
+def _list_dirs(directory: str) -> list[str]:
+    with os.scandir(directory) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------------
+# Index: build, screen, cache
+
+
+def _tree_key(image_root: str, meta_dir: str | None) -> str:
+    """Cheap fingerprint of the tree: directory mtimes and label-file stats (see module doc)."""
+    parts = [f"v{INDEX_VERSION}", image_root]
+    for split in ("train", "val"):
+        split_dir = os.path.join(image_root, split)
+        if not os.path.isdir(split_dir):
+            parts.append(f"{split}:absent")
+            continue
+        parts.append(f"{split}:{os.stat(split_dir).st_mtime_ns}")
+        for sub in _list_dirs(split_dir):
+            parts.append(f"{split}/{sub}:{os.stat(os.path.join(split_dir, sub)).st_mtime_ns}")
+    if meta_dir:
+        for name in (SYNSET_MAPPING, VAL_SOLUTION):
+            path = os.path.join(meta_dir, name)
+            if os.path.isfile(path):
+                st = os.stat(path)
+                parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _build_index(image_root: str, meta_dir: str | None, screen: bool) -> dict:
+    """Lists the tree. Returns class ids/names, relative paths and labels per split, skipped."""
+    class_ids = class_names = None
+    if meta_dir and os.path.isfile(os.path.join(meta_dir, SYNSET_MAPPING)):
+        class_ids, class_names = _read_synset_mapping(os.path.join(meta_dir, SYNSET_MAPPING))
+    train_dir = os.path.join(image_root, "train")
+    train_classes = _list_dirs(train_dir) if os.path.isdir(train_dir) else []
+    if class_ids is None:
+        if not train_classes:
+            raise DataError(f"{train_dir} has no class folders and there is no {SYNSET_MAPPING}: "
+                            f"{FIX_HINT}")
+        class_ids = class_names = train_classes
+    class_index = {c: i for i, c in enumerate(class_ids)}
+    unknown = sorted(set(train_classes) - set(class_index))
+    if unknown:
+        raise DataError(f"{train_dir} has class folders not in {SYNSET_MAPPING}: "
+                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; "
+                        "remove them or fix the mapping")
+
+    skipped: list[tuple[str, str]] = []
+    splits = {}
+    for split in ("train", "val"):
+        split_dir = os.path.join(image_root, split)
+        if not os.path.isdir(split_dir):
+            continue
+        pairs = []   # (relative path, label)
+        subdirs = _list_dirs(split_dir)
+        for sub in subdirs:
+            if sub not in class_index:
+                skipped.append((os.path.join(split_dir, sub), f"folder not a class in {split}/"))
+                continue
+            pairs += [(os.path.join(split, sub, n), class_index[sub])
+                      for n in _list_files(os.path.join(split_dir, sub))]
+        loose = _list_files(split_dir)
+        has_solution = bool(meta_dir) and os.path.isfile(os.path.join(meta_dir, VAL_SOLUTION))
+        # A flat val/ needs the CSV; next to class folders, loose files are strays (or half-run
+        # valprep, which the CSV still labels).
+        if loose and split == "val" and (has_solution or not subdirs):
+            pairs += _label_flat_val(split_dir, loose, meta_dir, class_index, skipped)
+        elif loose:
+            skipped += [(os.path.join(split_dir, n), "file outside class folders") for n in loose]
+        pairs.sort()
+        splits[split] = pairs
+
+    if screen:
+        for split, pairs in splits.items():
+            reasons = _screen([os.path.join(image_root, p) for p, _ in pairs])
+            skipped += [(os.path.join(image_root, p), r)
+                        for (p, _), r in zip(pairs, reasons, strict=True) if r]
+            splits[split] = [pair for pair, r in zip(pairs, reasons, strict=True) if not r]
+    if not any(splits.values()):
+        raise DataError(f"no images under {image_root}/train or {image_root}/val: {FIX_HINT}")
+    return {"class_ids": class_ids, "class_names": class_names, "splits": splits,
+            "skipped": sorted(skipped)}
+
+
+def _label_flat_val(val_dir, names, meta_dir, class_index, skipped):
+    """Labels the flat Kaggle val/ folder from LOC_val_solution.csv (by file name stem)."""
+    solution = os.path.join(meta_dir, VAL_SOLUTION) if meta_dir else None
+    if not solution or not os.path.isfile(solution):
+        raise DataError(f"{val_dir} holds images directly but {VAL_SOLUTION} is missing (looked in "
+                        f"{meta_dir or os.path.dirname(val_dir)}): put it next to "
+                        f"{SYNSET_MAPPING}, or sort val/ into class folders (valprep.sh)")
+    labels = _read_val_solution(solution)
+    pairs, seen = [], set()
+    for name in names:
+        image_id = os.path.splitext(name)[0]
+        wnid = labels.get(image_id)
+        path = os.path.join(val_dir, name)
+        if wnid is None:
+            skipped.append((path, f"no row in {VAL_SOLUTION}"))
+        elif wnid not in class_index:
+            skipped.append((path, f"label {wnid} not in {SYNSET_MAPPING}"))
+        else:
+            pairs.append((os.path.join("val", name), class_index[wnid]))
+        seen.add(image_id)
+    if not _list_dirs(val_dir):
+        # Rows without a file mean an incomplete extraction (unless valprep moved them).
+        skipped += [(os.path.join(val_dir, i + ".JPEG"), f"missing (listed in {VAL_SOLUTION})")
+                    for i in sorted(set(labels) - seen)]
+    return pairs
+
+
+def screen_file(path: str) -> str:
+    """Returns "" for a plausible JPEG/PNG, else why the file is skipped.
+
+    Reads only the first and last few bytes: cheap enough for 1.28M files. CMYK JPEGs and PNGs
+    named .JPEG pass (the decoder reads them by content).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - TAIL_BYTES))
+            tail = f.read()
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if size == 0:
+        return "empty file"
+    if head.startswith(JPEG_MAGIC):
+        return "" if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+    if head.startswith(PNG_MAGIC):
+        return "" if b"IEND" in tail else "truncated PNG (no IEND chunk)"
+    for magic, kind in OTHER_MAGIC.items():
+        if head.startswith(magic):
+            return f"unsupported image format {kind} (only JPEG and PNG)"
+    return "not an image (neither JPEG nor PNG)"
+
+
+def _screen(paths: list[str]) -> list[str]:
+    if not paths:
+        return []
+    batches = [paths[i:i + SCREEN_BATCH] for i in range(0, len(paths), SCREEN_BATCH)]
+    with concurrent.futures.ThreadPoolExecutor(SCREEN_THREADS) as pool:
+        results = pool.map(lambda batch: [screen_file(p) for p in batch], batches)
+        return [r for batch in results for r in batch]
+
+
+def _index_paths(data_dir: str, image_root: str, cache_dir: str | None) -> list[str]:
+    """Where the index may live: DIR first, then the cache dir (for read-only data dirs)."""
+    name = hashlib.sha256(image_root.encode()).hexdigest()[:16] + ".npz"
+    return [os.path.join(data_dir, INDEX_FILE), os.path.join(cache_dir or DEFAULT_CACHE_DIR, name)]
+
+
+def _save_index(index: dict, key: str, candidates: Iterable[str]) -> str | None:
+    arrays = {"meta": np.frombuffer(json.dumps({
+        "version": INDEX_VERSION, "key": key, "class_ids": index["class_ids"],
+        "class_names": index["class_names"], "splits": sorted(index["splits"]),
+    }).encode(), np.uint8)}
+    for split, pairs in index["splits"].items():
+        # One newline-joined blob: compact, and loading needs no pickle.
+        arrays[f"{split}_files"] = np.frombuffer("\n".join(p for p, _ in pairs).encode(), np.uint8)
+        arrays[f"{split}_labels"] = np.array([label for _, label in pairs], np.int64)
+    arrays["skipped"] = np.frombuffer(
+        "\n".join(f"{p}\t{r}" for p, r in index["skipped"]).encode(), np.uint8)
+    for path in candidates:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".npz.tmp",
+                                       dir=os.path.dirname(path))
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, **arrays)
+            os.replace(tmp, path)   # atomic: readers see the old index or the new one
+            return path
+        except OSError:
+            continue    # read-only data dir: try the cache dir
+    return None
+
+
+def _load_index(key: str, candidates: Iterable[str]) -> dict | None:
+    for path in candidates:
+        try:
+            with np.load(path) as z:
+                meta = json.loads(z["meta"].tobytes())
+                if meta.get("version") != INDEX_VERSION or meta.get("key") != key:
+                    continue
+                splits = {}
+                for split in meta["splits"]:
+                    blob = z[f"{split}_files"].tobytes().decode()
+                    files = blob.split("\n") if blob else []
+                    splits[split] = list(zip(files, z[f"{split}_labels"].tolist(), strict=True))
+                blob = z["skipped"].tobytes().decode()
+                skipped = [tuple(line.split("\t", 1)) for line in blob.split("\n")] if blob else []
+            return {"class_ids": meta["class_ids"], "class_names": meta["class_names"],
+                    "splits": splits, "skipped": skipped}
+        except (OSError, ValueError, KeyError):
+            continue    # missing or damaged cache: rebuild
+    return None
+
+
+def _load_folder_source(name: str, data_dir: str, cache_dir: str | None, screen: bool) -> Source:
+    _check_extraction_finished(data_dir)
+    image_root, meta_dir, layout = _find_layout(data_dir)
+    if meta_dir:
+        _check_extraction_finished(meta_dir)
+    key = _tree_key(image_root, meta_dir) + ("" if screen else ":noscreen")
+    candidates = _index_paths(data_dir, image_root, cache_dir)
+    index = _load_index(key, candidates)
+    if index is None:
+        # The key is taken before listing, so a tree that changes while we list is re-indexed.
+        index = _build_index(image_root, meta_dir, screen)
+        _save_index(index, key, candidates)
+
+    def split_of(split):
+        pairs = index["splits"].get(split)
+        if pairs is None:
+            return None
+        files = np.empty(len(pairs), dtype=object)   # object: half the memory of a U array
+        files[:] = [os.path.join(image_root, p) for p, _ in pairs]
+        return Split(files=files, labels=np.array([lb for _, lb in pairs], np.int64))
+
+    return Source(name=name, class_ids=list(index["class_ids"]),
+                  class_names=list(index["class_names"]), train=split_of("train"),
+                  val=split_of("val"), skipped=[tuple(s) for s in index["skipped"]],
+                  layout=layout, root=image_root)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS and synthetic
+
+
+def _load_tfds(name: str, data_dir: str) -> Source:
+    """Any TFDS image-classification dataset; images stay encoded (decoded in our pipeline).
+
+    `data_dir` is the TFDS data dir; manual downloads (imagenet2012's ILSVRC2012_img_*.tar)
+    go in `<data_dir>/downloads/manual`.
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    tfds_dir = os.path.expanduser(data_dir) if data_dir else None
+    try:
+        import importlib_resources  # noqa: F401
+    except ImportError:
+        # tensorflow-datasets 4.9 imports it in download_and_prepare but declares it only for
+        # Python < 3.9.
+        raise DataError("tfds datasets need the importlib_resources package: "
+                        "pip install importlib_resources") from None
+    try:
+        builder = tfds.builder(name, data_dir=tfds_dir)
+        builder.download_and_prepare(
+            download_dir=os.path.join(tfds_dir, "downloads") if tfds_dir else None)
+    except Exception as e:   # TFDS raises many types; the user needs the one-line reason
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"tfds:{name} could not be prepared in {tfds_dir}: {first_line}") from e
+    info = builder.info
+    image_key, label_key = info.supervised_keys or ("image", "label")
+    label_feature = info.features[label_key]
+    if not hasattr(label_feature, "names") or image_key not in info.features:
+        raise DataError(f"tfds:{name} is not an image classification dataset "
+                        f"(features: {', '.join(info.features.keys())})")
+    class_ids = list(label_feature.names)
+
+    def split_of(split):
+        if split is None:
+            return None
+
+        def records():
+            ds = builder.as_dataset(split=split, shuffle_files=False,
+                                    decoders={image_key: tfds.decode.SkipDecoding()})
+            return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+
+        return Split(files=None, labels=None, records=records,
+                     num_examples=int(info.splits[split].num_examples))
+
+    names = set(info.splits.keys())
+    val_split = next((s for s in ("validation", "test") if s in names), None)
+    return Source(name=f"tfds:{name}", class_ids=class_ids, class_names=class_ids,
+                  train=split_of("train" if "train" in names else None), val=split_of(val_split),
+                  skipped=[], layout="tfds")
+
+
+def _synthetic_source(dataset: str) -> Source:
+    """Class ids only ("class_0000"...): the tensors come from pipelines.dataset."""
+    num = dataset.partition(":")[2] or str(SYNTHETIC_NUM_CLASSES)
+    if not num.isdigit() or int(num) < 1:
+        raise DataError(f"bad dataset {dataset!r}: use synthetic or synthetic:N with N >= 1")
+    ids = [f"class_{i:04d}" for i in range(int(num))]
+    return Source(name="synthetic", class_ids=ids, class_names=ids, train=None, val=None,
+                  skipped=[], layout="synthetic")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path), dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

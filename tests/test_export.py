@@ -1,0 +1,272 @@
+"""SavedModel export (serving raw image bytes), versioning, and the predict command.
+
+The central test loads the export in a fresh Python that cannot import this project, as TF Serving
+would, and checks it computes what the Keras model computes on the eval pipeline's pixels.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_resnet import export, predict
+from keras_resnet.model import build_resnet
+from pipelines.preprocessing import preprocess_for_eval
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 32
+CLASS_IDS = [f"n0{i}" for i in range(7)]
+CLASS_NAMES = [f"name {i}" for i in range(7)]
+PROB_ATOL = 1e-5
+
+
+def _env(**extra):
+    """The environment of a child Python, without PYTHONPATH and with TF's logs quieter."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    m = build_resnet(18, num_classes=len(CLASS_IDS), input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+                     include_preprocessing=True)
+    # The initial classifier (stddev 0.01) gives every class ~1/7; larger weights make the
+    # probabilities differ clearly between classes and images, so the comparison means something.
+    kernel = m.get_layer("predictions").kernel
+    kernel.assign(np.random.default_rng(0).normal(0, 0.3, kernel.shape).astype("float32"))
+    return m
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A JPEG and a PNG of different sizes and aspect ratios (smooth, like photos), on disk."""
+    rng = np.random.default_rng(1)
+    root = tmp_path_factory.mktemp("images")
+    files = {}
+    for name, size, encode in (("a.jpg", (45, 60), tf.io.encode_jpeg),
+                               ("b.png", (70, 50), tf.io.encode_png)):
+        small = rng.integers(0, 256, (6, 5, 3)).astype("float32")
+        pixels = tf.cast(tf.image.resize(small, size), tf.uint8)
+        files[name] = root / name
+        files[name].write_bytes(encode(pixels).numpy())
+    return files
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    export_dir = tmp_path_factory.mktemp("saved_models") / "resnet18"
+    version_dir = export.export_saved_model(model, str(export_dir), image_size=IMAGE_SIZE,
+                                            class_ids=CLASS_IDS, class_names=CLASS_NAMES)
+    return export_dir, Path(version_dir)
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory):
+    """A training directory as the trainer leaves it: best.keras and classes.json."""
+    root = tmp_path_factory.mktemp("run")
+    model.save(root / "best.keras")
+    export.write_classes_json(root / "classes.json", CLASS_IDS, CLASS_NAMES)
+    return root
+
+
+def _expected(model, files):
+    """The Keras model's probabilities on the eval pipeline's output, one row per file."""
+    pixels = tf.stack([preprocess_for_eval(f.read_bytes(), IMAGE_SIZE) for f in files])
+    return model(pixels, training=False).numpy()
+
+
+# Runs in a Python that cannot import the project (as TF Serving, which has only the SavedModel).
+SERVING_CHECK = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):  # also defeats an editable install's finder
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("keras_resnet", "pipelines"):
+                raise ModuleNotFoundError(name)
+
+    sys.meta_path.insert(0, Block())
+    try:
+        import keras_resnet  # noqa: F401
+        sys.exit("keras_resnet is importable: the test would not prove self-containment")
+    except ModuleNotFoundError:
+        pass
+
+    import numpy as np
+    import tensorflow as tf
+
+    version_dir, jpeg_path, png_path, expected_path = sys.argv[1:5]
+    jpeg, png = open(jpeg_path, "rb").read(), open(png_path, "rb").read()
+    expected = np.load(expected_path)
+    class_ids = np.array([b"n0%d" % i for i in range(7)], dtype=object)
+    class_names = np.array([b"name %d" % i for i in range(7)], dtype=object)
+
+    loaded = tf.saved_model.load(version_dir)
+    assert sorted(loaded.signatures) == ["serve_images", "serving_default"], loaded.signatures
+    serve = loaded.signatures["serving_default"]
+    assert list(serve.structured_input_signature[1]) == ["image_bytes"]
+    assert [c.decode() for c in loaded.class_names[0].numpy()] == [
+        n.decode() for n in class_names]
+
+    def check(out, want):
+        probs = out["probabilities"].numpy()
+        assert out["probabilities"].dtype == tf.float32 and probs.shape == want.shape
+        np.testing.assert_allclose(probs, want, rtol=0, atol=__ATOL__)
+        top = np.argsort(-want, axis=1, kind="stable")[:, :5]
+        np.testing.assert_array_equal(out["classes"].numpy(), top)
+        np.testing.assert_allclose(out["scores"].numpy(), np.take_along_axis(want, top, 1),
+                                   rtol=0, atol=__ATOL__)
+        np.testing.assert_array_equal(out["labels"].numpy(), class_ids[top])
+        np.testing.assert_array_equal(out["names"].numpy(), class_names[top])
+
+    check(serve(image_bytes=tf.constant([jpeg, png])), expected)
+    # The uint8 signature applies the same resize + center crop to decoded images of any size.
+    for encoded, want in ((jpeg, expected[:1]), (png, expected[1:])):
+        pixels = tf.io.decode_image(encoded, channels=3)[None]
+        check(loaded.signatures["serve_images"](images=pixels), want)
+
+    for bad, name in ((b"not an image", "garbage"), (png[:60], "truncated PNG")):
+        try:
+            serve(image_bytes=tf.constant([jpeg, bad]))
+            sys.exit(f"a batch with a {name} did not raise")
+        except tf.errors.InvalidArgumentError as e:
+            print(f"{name}: {e.message.strip().splitlines()[-2]}")
+            if name == "garbage":
+                assert "image_bytes[1] is not a JPEG, PNG" in e.message, e.message
+    check(serve(image_bytes=tf.constant([jpeg, png])), expected)  # the server still works
+    print("SERVING OK")
+""").replace("__ATOL__", repr(PROB_ATOL))
+
+
+def test_saved_model_serves_bytes_without_the_project(model, images, exported, tmp_path):
+    _, version_dir = exported
+    expected_path = tmp_path / "expected.npy"
+    np.save(expected_path, _expected(model, [images["a.jpg"], images["b.png"]]))
+    run = subprocess.run(
+        [sys.executable, "-c", SERVING_CHECK, str(version_dir), str(images["a.jpg"]),
+         str(images["b.png"]), str(expected_path)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    # A negative return code is a signal: the corrupt image would have killed a server.
+    assert run.returncode == 0 and "SERVING OK" in run.stdout, (run.returncode, run.stdout,
+                                                                run.stderr[-3000:])
+
+
+def test_saved_model_cli_lists_both_signatures(exported):
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    if not cli.exists():
+        pytest.skip("saved_model_cli is not installed next to this Python")
+    run = subprocess.run([str(cli), "show", "--dir", str(exported[1]), "--all"], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for text in ("signature_def['serving_default']", "signature_def['serve_images']",
+                 "inputs['image_bytes']", "DT_STRING", "inputs['images']", "DT_UINT8",
+                 "outputs['probabilities']", "outputs['names']"):
+        assert text in run.stdout, f"{text} missing from:\n{run.stdout}"
+
+
+def test_export_command_adds_a_version_and_ignores_stale_temp_dirs(exported, model_dir,
+                                                                   tmp_path):
+    export_dir = tmp_path / "exports"
+    shutil.copytree(exported[1], export_dir / "1")
+    v1_graph = (export_dir / "1" / "saved_model.pb").read_bytes()
+    # What a killed export leaves behind: a temp dir of a process that no longer exists.
+    stale = export_dir / ".tmp-export-4194305-deadbeef"
+    (stale / "variables").mkdir(parents=True)
+    (stale / "saved_model.pb").write_bytes(b"partial")
+    assert export.list_versions(export_dir) == [1]
+
+    export.main([f"--model_dir={model_dir}", f"--export_dir={export_dir}"])
+
+    assert sorted(os.listdir(export_dir)) == ["1", "2"]  # stale temp dir cleaned up, no others
+    assert (export_dir / "1" / "saved_model.pb").read_bytes() == v1_graph
+    loaded = tf.saved_model.load(str(export_dir / "2"))
+    assert [n.decode() for n in loaded.class_names[0].numpy()] == CLASS_NAMES
+    assert export.latest_version_dir(str(export_dir)) == str(export_dir / "2")
+
+
+def test_failed_export_leaves_no_version(model, tmp_path, monkeypatch):
+    class Interrupted:
+        def write_out(self, path, **kwargs):
+            os.makedirs(path)
+            Path(path, "saved_model.pb").write_bytes(b"partial")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_build_archive", lambda *args: Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        export.export_saved_model(model, str(tmp_path), image_size=IMAGE_SIZE,
+                                  class_ids=CLASS_IDS)
+    assert os.listdir(tmp_path) == []
+
+
+def test_logits_model_with_dynamic_input_exports_probabilities(images, tmp_path):
+    inputs = keras.Input((None, None, 3), dtype="uint8")
+    x = keras.layers.Normalization(mean=127.0, variance=64.0**2, name="normalize")(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(3, kernel_initializer=keras.initializers.RandomNormal(0, 2.0))(x)
+    logits_model = keras.Model(inputs, keras.layers.Activation("linear", name="logits")(x))
+
+    version_dir = export.export_saved_model(logits_model, str(tmp_path), image_size=24,
+                                            class_ids=["x", "y", "z"])
+    out = tf.saved_model.load(version_dir).signatures["serving_default"](
+        image_bytes=tf.constant([images["a.jpg"].read_bytes()]))
+    logits = logits_model(preprocess_for_eval(images["a.jpg"].read_bytes(), 24)[None])
+    np.testing.assert_allclose(out["probabilities"], tf.nn.softmax(logits), rtol=0,
+                               atol=PROB_ATOL)
+    assert out["classes"].shape == (1, 3)  # top 5 capped at the number of classes
+    assert out["names"][0, 0] == out["labels"][0, 0]  # no names given: names are the ids
+
+
+def test_export_rejects_mismatches(model, tmp_path):
+    with pytest.raises(ValueError, match="7 classes but 2 class ids"):
+        export.export_saved_model(model, str(tmp_path), image_size=IMAGE_SIZE,
+                                  class_ids=["a", "b"])
+    with pytest.raises(ValueError, match="image_size=64 does not match"):
+        export.export_saved_model(model, str(tmp_path), image_size=64, class_ids=CLASS_IDS)
+
+
+def test_classes_json_round_trip(tmp_path):
+    path = tmp_path / "classes.json"
+    export.write_classes_json(path, ["n01", "n02"], ["tench", "goldfish"])
+    assert export.read_classes_json(path) == (["n01", "n02"], ["tench", "goldfish"])
+    path.write_text('{"ids": []}')
+    with pytest.raises(ValueError, match="Cannot read class list"):
+        export.read_classes_json(path)
+
+
+TOP5_LINE = re.compile(r"^  \d\.\d{4}  n0\d  name \d$")
+
+
+def test_predict_command_from_saved_model(exported, images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    run = subprocess.run(
+        [sys.executable, "-m", "keras_resnet.predict", f"--model={exported[0]}",
+         str(images["a.jpg"]), str(tmp_path / "missing.jpg"), str(bad), str(images["b.png"])],
+        cwd=REPO, env=_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == str(images["a.jpg"]) and lines[6] == str(images["b.png"]), run.stdout
+    assert all(TOP5_LINE.match(line) for line in lines[1:6] + lines[7:12]), run.stdout
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot read {tmp_path / 'missing.jpg'}: No such file or directory.",
+                      f"error: cannot decode {bad}: image_bytes[0] is not a JPEG, PNG, GIF or "
+                      "BMP image (18 bytes)."], run.stderr[-2000:]
+
+
+def test_predict_from_keras_checkpoint(model, model_dir, images, capsys):
+    predict.main([f"--model={model_dir / 'best.keras'}", str(images["b.png"])])
+    lines = capsys.readouterr().out.splitlines()
+    want = _expected(model, [images["b.png"]])[0]
+    top = np.argsort(-want, kind="stable")[:5]
+    assert lines == [str(images["b.png"])] + [
+        f"  {want[i]:.4f}  {CLASS_IDS[i]}  {CLASS_NAMES[i]}" for i in top]

@@ -1,0 +1,224 @@
+"""pipelines.sources on tiny trees in the Kaggle and ImageFolder layouts, TFDS mocks and the demo."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from pipelines import demo, sources
+from pipelines.sources import DataError, load_source
+from tests.kaggle_tree import BROKEN_REASONS, make_kaggle_tree
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return make_kaggle_tree(tmp_path / "imagenet")
+
+
+def _as_dict(split):
+    return dict(zip(split.files.tolist(), split.labels.tolist(), strict=True))
+
+
+def test_kaggle_layout_labels_classes_and_broken_files(tree):
+    src = load_source("imagenet", tree["root"])
+    assert src.layout == "kaggle"
+    assert src.class_ids == tree["class_ids"] == sorted(tree["class_ids"])
+    assert src.class_names == tree["class_names"]
+    assert src.num_classes == 3     # never 1001, labels 0-based
+    assert _as_dict(src.train) == tree["train"]          # CMYK and PNG-named-.JPEG kept
+    assert _as_dict(src.val) == tree["val"]              # first wnid of unsorted multi-box rows
+    assert src.train.labels.dtype == np.int64 and src.val.labels.min() == 0
+    assert list(src.train.files) == sorted(src.train.files)
+    assert all(os.path.isabs(f) for f in src.train.files)
+    assert src.train.num_examples == len(tree["train"]) and src.val.num_examples == 6
+    skipped = dict(src.skipped)
+    assert set(skipped) == set(tree["broken"])
+    for path, reason in tree["broken"].items():
+        assert reason in skipped[path]
+    assert "train 14" in src.summary() and "skipped 3" in src.summary()
+
+
+def test_data_dir_may_be_cls_loc_itself(tree):
+    src = load_source("imagenet", tree["image_root"])
+    assert src.class_names == tree["class_names"]       # LOC files found three levels up
+    assert _as_dict(src.val) == tree["val"]
+
+
+def test_imagefolder_layout_after_valprep(tree, tmp_path):
+    # What valprep.sh produces: val/<wnid>/*.JPEG; no LOC_* files next to it.
+    folder = tmp_path / "folder"
+    shutil.copytree(tree["image_root"], folder)
+    for path, label in tree["val"].items():
+        class_dir = folder / "val" / tree["class_ids"][label]
+        class_dir.mkdir(exist_ok=True)
+        os.rename(folder / "val" / os.path.basename(path), class_dir / os.path.basename(path))
+    (folder / "val" / "README.txt").write_text("a stray file next to the class folders")
+    src = load_source("imagenet", str(folder))
+    assert src.layout == "imagefolder"
+    assert dict(src.skipped)[str(folder / "val" / "README.txt")] == "file outside class folders"
+    assert src.class_ids == src.class_names == tree["class_ids"]
+    want_val = {os.path.join(folder, "val", tree["class_ids"][lb], os.path.basename(p)): lb
+                for p, lb in tree["val"].items()}
+    assert _as_dict(src.val) == want_val
+    assert len(src.train.files) == len(tree["train"])
+
+
+def test_index_is_cached_and_invalidated_when_the_tree_changes(tree, monkeypatch):
+    first = load_source("imagenet", tree["root"])
+    assert os.path.isfile(os.path.join(tree["root"], sources.INDEX_FILE))
+    real_build = sources._build_index
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("index rebuilt although the tree did not change")
+
+    monkeypatch.setattr(sources, "_build_index", no_build)
+    again = load_source("imagenet", tree["root"])
+    assert _as_dict(again.train) == _as_dict(first.train) and again.skipped == first.skipped
+    # Adding a file changes its class folder's mtime: the index must be rebuilt.
+    new = os.path.join(tree["image_root"], "train", tree["class_ids"][1], "new.JPEG")
+    shutil.copy(next(iter(tree["val"])), new)
+    with pytest.raises(AssertionError, match="rebuilt"):
+        load_source("imagenet", tree["root"])
+    monkeypatch.setattr(sources, "_build_index", real_build)
+    assert _as_dict(load_source("imagenet", tree["root"]).train)[new] == 1
+
+
+def test_read_only_data_dir_caches_elsewhere(tree, tmp_path):
+    # A directory where the index file should go makes that write fail (works even as root).
+    os.mkdir(os.path.join(tree["root"], sources.INDEX_FILE))
+    cache = tmp_path / "cache"
+    src = load_source("imagenet", tree["root"], cache_dir=str(cache))
+    assert len(os.listdir(cache)) == 1
+    assert _as_dict(load_source("imagenet", tree["root"], cache_dir=str(cache)).val) == \
+        _as_dict(src.val)
+
+
+def test_missing_data_says_what_to_do(tmp_path):
+    for data_dir in (tmp_path / "absent", tmp_path):
+        with pytest.raises(DataError, match=r"keras_resnet.download --data_dir=.*--dataset=demo"):
+            load_source("imagenet", str(data_dir))
+    with pytest.raises(DataError, match="unknown dataset 'imagenet21k'"):
+        load_source("imagenet21k", str(tmp_path))
+
+
+def test_flat_val_without_solution_csv_is_an_error(tree):
+    os.remove(os.path.join(tree["root"], "LOC_val_solution.csv"))
+    with pytest.raises(DataError, match="LOC_val_solution.csv is missing"):
+        load_source("imagenet", tree["root"])
+
+
+def test_screen_file(tree, tmp_path):
+    assert sources.screen_file(tree["cmyk"]) == ""
+    assert sources.screen_file(tree["png"]) == ""
+    for path, reason in tree["broken"].items():
+        assert reason in sources.screen_file(path)
+    assert "unreadable" in sources.screen_file(str(tmp_path / "nope.JPEG"))
+    gif = tmp_path / "x.JPEG"
+    gif.write_bytes(b"GIF89a" + b"\0" * 20)
+    assert "GIF" in sources.screen_file(str(gif))
+    assert set(BROKEN_REASONS.values()) == set(tree["broken"].values())
+
+
+def test_write_skipped_report(tree, tmp_path):
+    src = load_source("imagenet", tree["root"])
+    path = sources.write_skipped_report(src, str(tmp_path / "model"))
+    lines = open(path).read().splitlines()
+    assert lines[0] == "path\treason" and len(lines) == 1 + len(tree["broken"])
+    assert any(line.startswith(tree["cmyk"]) for line in lines) is False
+
+
+def test_synthetic_has_classes_but_no_files():
+    src = load_source("synthetic", "")
+    assert src.num_classes == 1000 and src.train is None and src.val is None
+    assert load_source("synthetic:10", "").num_classes == 10
+    with pytest.raises(DataError, match="synthetic:N"):
+        load_source("synthetic:x", "")
+
+
+def _tiny_tfds_builder(tfds):
+    """A registered two-split image dataset, defined once (TFDS registers builders by name)."""
+    if "kr_tiny_images" in tfds.list_builders(with_community_datasets=False):
+        return
+
+    class KrTinyImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self, supervised_keys=("picture", "kind"),
+                features=tfds.features.FeaturesDict({
+                    "picture": tfds.features.Image(shape=(8, 8, 3)),
+                    "kind": tfds.features.ClassLabel(names=["cat", "dog", "fish"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(6), "validation": self._generate_examples(3)}
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                yield i, {"picture": np.full((8, 8, 3), i, np.uint8), "kind": i % 3}
+
+
+def test_tfds_yields_encoded_bytes_and_int64_labels(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    # tensorflow-datasets 4.9 needs it to prepare any dataset but declares it only for py<3.9.
+    pytest.importorskip("importlib_resources")
+    _tiny_tfds_builder(tfds)
+    src = load_source("tfds:kr_tiny_images", str(tmp_path))    # prepares it (no download)
+    assert src.layout == "tfds" and src.class_ids == ["cat", "dog", "fish"]
+    assert src.train.files is None and src.train.num_examples == 6
+    assert src.val.num_examples == 3        # "validation" preferred over "test"
+    pairs = [(img.numpy(), int(lb)) for img, lb in src.train.records()]
+    assert all(img[:4] == b"\x89PNG" for img, _ in pairs)     # still encoded: SkipDecoding
+    assert sorted(lb for _, lb in pairs) == [0, 0, 1, 1, 2, 2]
+    assert next(iter(src.val.records()))[1].dtype.name == "int64"
+
+    # The same through tfds.testing.mock_data (metadata from tmp_path, examples made up).
+    with tfds.testing.mock_data(num_examples=2, data_dir=str(tmp_path)):
+        src = load_source("tfds:kr_tiny_images", str(tmp_path))
+        image, label = next(iter(src.train.records()))
+        assert image.dtype.name == "string" and label.dtype.name == "int64"
+        assert int(label) in (0, 1, 2)
+
+
+def test_tfds_unknown_dataset_is_a_data_error(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(DataError, match="tfds:no_such_dataset_xyz"):
+        load_source("tfds:no_such_dataset_xyz", str(tmp_path))
+
+
+def test_demo_is_kaggle_layout_deterministic_and_idempotent(tmp_path):
+    kw = dict(num_classes=4, train_per_class=3, val_per_class=2, image_size=32)
+    a = demo.make_demo(str(tmp_path / "a"), **kw)
+    b = demo.make_demo(str(tmp_path / "b"), **kw)
+    src = load_source("imagenet", a)
+    assert src.layout == "kaggle" and src.num_classes == 4 and not src.skipped
+    assert src.train.num_examples == 12 and src.val.num_examples == 8
+    for fa in src.train.files:
+        with open(fa, "rb") as f1, open(fa.replace(a, b), "rb") as f2:
+            assert f1.read() == f2.read()
+    mtime = os.stat(os.path.join(a, demo.MARKER)).st_mtime_ns
+    assert demo.make_demo(a, **kw) == a
+    assert os.stat(os.path.join(a, demo.MARKER)).st_mtime_ns == mtime
+    rows = open(os.path.join(a, "LOC_val_solution.csv")).read().splitlines()[1:]
+    assert rows != sorted(rows) and max(len(r.split()) for r in rows) > 5   # several boxes
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_demo_refuses_a_foreign_dir_and_clears_stale_builds(tmp_path):
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("x")
+    with pytest.raises(DataError, match="not a demo dataset"):
+        demo.make_demo(str(foreign))
+    stale = tmp_path / ".demo.tmp-999999999-abc"   # a build whose process died
+    stale.mkdir()
+    demo.make_demo(str(tmp_path / "demo"), num_classes=2, train_per_class=1, val_per_class=1)
+    assert not stale.exists() and (foreign / "precious.txt").exists()
+
+
+def test_load_source_demo_makes_it_on_first_use(tmp_path):
+    src = load_source("demo", str(tmp_path / "demo"))
+    assert src.name == "demo" and src.num_classes == 10
+    assert src.train.num_examples >= 1000 and src.val.num_examples >= 200 and not src.skipped
+    assert np.bincount(src.val.labels).min() > 0
