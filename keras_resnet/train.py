@@ -3,6 +3,7 @@
 import json
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -19,6 +20,11 @@ HISTORY_CSV = "history.csv"
 CURVES_PNG = "curves.png"
 SYNTHETIC_CLASSES = 1000
 SYNTHETIC_EXAMPLES = 1281167  # ImageNet's training split, for a realistic epoch length
+
+
+# Keras warns once per fit when it learns the length of the (finite) validation set by running
+# out of it; training itself always runs on an exact number of steps.
+warnings.filterwarnings("ignore", message="Your input ran out of data")
 
 
 class UserError(Exception):
@@ -147,20 +153,22 @@ def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoc
             source.train, global_batch_size=config.batch_size, image_size=config.image_size,
             seed=config.seed, start_epoch=start_epoch, num_epochs=num_epochs,
             skip_steps=skip_steps, input_context=ctx, deterministic=config.deterministic,
-            cache=config.cache or None, data_service=config.tf_data_service or None)
+            cache=config.cache or None, data_service=config.tf_data_service or None,
+            max_steps_per_epoch=steps_per_epoch)
 
     train = strategy.distribute_datasets_from_function(train_fn)
     val = None
     if source.val is not None and source.val.num_examples:
         def val_fn(ctx):
-            return ds_lib.build_eval_dataset(
+            val = ds_lib.build_eval_dataset(
                 source.val, global_batch_size=config.batch_size, image_size=config.image_size,
                 input_context=ctx, cache=config.cache or None)
+            return val.take(config.validation_steps) if config.validation_steps else val
         val = strategy.distribute_datasets_from_function(val_fn)
     return train, val
 
 
-def _steps(config, source):
+def _steps_per_epoch(config, source):
     from pipelines import dataset as ds_lib
 
     num_train = source.train.num_examples if source else SYNTHETIC_EXAMPLES
@@ -168,14 +176,7 @@ def _steps(config, source):
     if steps == 0:
         raise UserError(f"--batch_size={config.batch_size} is larger than the training split "
                         f"({num_train} images); use a smaller batch.")
-    if config.steps_per_epoch:
-        steps = min(steps, config.steps_per_epoch)
-    val_steps = None
-    if source is not None and source.val is not None and source.val.num_examples:
-        val_steps = -(-source.val.num_examples // config.batch_size)
-        if config.validation_steps:
-            val_steps = min(val_steps, config.validation_steps)
-    return steps, val_steps
+    return min(steps, config.steps_per_epoch) if config.steps_per_epoch else steps
 
 
 def _callbacks(config, model_dir, writer, checkpoint_cb, throughput):
@@ -213,7 +214,7 @@ def train_and_evaluate(config):
         os.makedirs(model_dir, exist_ok=True)
 
     source, num_classes = _load_data(config)
-    steps_per_epoch, val_steps = _steps(config, source)
+    steps_per_epoch = _steps_per_epoch(config, source)
     if writer and source is not None and source.skipped:
         from pipelines import sources
 
@@ -274,8 +275,9 @@ def train_and_evaluate(config):
                     initial_epoch=first_epoch,
                     steps_per_epoch=steps_per_epoch - skip if num_epochs == 1 and skip else
                     steps_per_epoch,
+                    # No validation_steps: Keras then makes a fresh pass over the (finite)
+                    # validation set each epoch instead of continuing one exhausted iterator.
                     validation_data=val_ds,
-                    validation_steps=val_steps,
                     callbacks=callbacks,
                     verbose=_verbose(config),
                     shuffle=False,  # the pipeline shuffles, per epoch and resumably

@@ -1,0 +1,1 @@
+"""Input pipelines: data sources, preprocessing and tf.data datasets (no keras_resnet imports)."""

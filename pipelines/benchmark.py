@@ -1,0 +1,140 @@
+"""Input-pipeline benchmark: images/s of the training pipeline over an ImageFolder of JPEGs.
+
+    python -m pipelines.benchmark --data_dir=DIR [--batch_size=128] [--image_size=224]
+
+Prints, after one warm-up pass each, the JPEG decode alone (the ceiling on this machine), Keras's
+`image_dataset_from_directory` path with comparable augmentation, and our training pipeline; the
+last line is `images/s: <number>`. `--fake_images=N` first fills an empty DIR with N
+ImageNet-sized JPEGs (about 500x375, 70-110 KiB).
+"""
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from pipelines import dataset, preprocessing
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+FAKE_SIZE = (500, 375)  # (width, height) of a typical ImageNet photo
+FAKE_QUALITY = 90
+FAKE_CLASSES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSplit:
+    """The fields of pipelines.sources.Split that pipelines.dataset reads."""
+
+    files: np.ndarray
+    labels: np.ndarray
+    records: object = None
+    num_examples: int = 0
+
+
+def image_folder(data_dir: str) -> FolderSplit:
+    """Class folders of images under data_dir, sorted: class i is the i-th folder name."""
+    classes = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(data_dir, name))):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.join(data_dir, name, f))
+                labels.append(label)
+    if not files:
+        raise ValueError(f"no class folders of images under --data_dir={data_dir!r}; "
+                         f"pass --fake_images=500 to generate some")
+    return FolderSplit(np.array(files), np.array(labels, np.int64), None, len(files))
+
+
+def write_fake_images(data_dir: str, num_images: int, seed: int = 0) -> None:
+    """Smooth colour waves plus noise: compresses like photos (70-110 KiB at quality 90)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(num_images):
+        folder = os.path.join(data_dir, f"class_{i % FAKE_CLASSES}")
+        os.makedirs(folder, exist_ok=True)
+        w, h = FAKE_SIZE if i % 3 else FAKE_SIZE[::-1]  # a third portrait, as in ImageNet
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        base, freq = rng.uniform(0, 255, 3), rng.uniform(0.005, 0.03, 3)
+        rgb = np.stack([base[c] + 80 * np.sin(x * freq[c] + y * freq[(c + 1) % 3])
+                        for c in range(3)], -1)
+        rgb += rng.normal(0, 22, rgb.shape)
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(
+            os.path.join(folder, f"fake_{i:06d}.JPEG"), quality=FAKE_QUALITY)
+
+
+def images_per_second(ds: tf.data.Dataset, passes: int) -> float:
+    """Median images/s over `passes` timed passes, after one untimed warm-up pass."""
+    for _ in ds:
+        pass
+    rates = []
+    for _ in range(passes):
+        start, n = time.perf_counter(), 0
+        for images, _ in ds:
+            n += int(images.shape[0])
+        rates.append(n / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def decode_only(split: FolderSplit, batch_size: int) -> tf.data.Dataset:
+    """Read + full JPEG decode, nothing else (the output is trimmed so batching costs nothing)."""
+    ds = tf.data.Dataset.from_tensor_slices((split.files, split.labels))
+    ds = ds.map(lambda f, y: (preprocessing.decode_image(tf.io.read_file(f))[:1, :1], y),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def keras_pipeline(data_dir: str, batch_size: int, image_size: int) -> tf.data.Dataset:
+    """Keras's own path: decode + resize every image, then random crop and flip per batch."""
+    import keras
+
+    resize = preprocessing.eval_resize_size(image_size)
+    ds = keras.utils.image_dataset_from_directory(
+        data_dir, image_size=(resize, resize), batch_size=batch_size, shuffle=True, seed=0,
+        verbose=False)
+    augment = keras.Sequential([keras.layers.RandomCrop(image_size, image_size),
+                                keras.layers.RandomFlip("horizontal")])
+    ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def main(argv=None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data_dir", required=True, help="ImageFolder: class folders of JPEGs")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--passes", type=int, default=3, help="timed passes (median reported)")
+    parser.add_argument("--fake_images", type=int, default=0,
+                        help="first write this many fake JPEGs if data_dir has no images")
+    parser.add_argument("--skip_keras", action="store_true", help="skip the Keras comparison")
+    args = parser.parse_args(argv)
+
+    if args.fake_images and not (os.path.isdir(args.data_dir) and os.listdir(args.data_dir)):
+        write_fake_images(args.data_dir, args.fake_images)
+    split = image_folder(args.data_dir)
+    print(f"{split.num_examples} images, batch {args.batch_size}, size {args.image_size}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+
+    rate = images_per_second(decode_only(split, args.batch_size), args.passes)
+    print(f"JPEG decode only (ceiling): {rate:.0f} images/s", flush=True)
+    if not args.skip_keras:
+        keras_rate = images_per_second(
+            keras_pipeline(args.data_dir, args.batch_size, args.image_size), args.passes)
+        print(f"keras image_dataset_from_directory + RandomCrop/RandomFlip: "
+              f"{keras_rate:.0f} images/s", flush=True)
+    train = dataset.build_train_dataset(
+        split, global_batch_size=args.batch_size, image_size=args.image_size, seed=0)
+    train_rate = images_per_second(train, args.passes)
+    print(f"train pipeline: {train_rate / rate:.2f}x decode only"
+          + ("" if args.skip_keras else f", {train_rate / keras_rate:.2f}x keras"), flush=True)
+    print(f"images/s: {train_rate:.0f}")
+    return train_rate
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""tf.data pipelines for training and evaluation: order, shard, skip, decode, batch, prefetch.
+
+A split is any object with `files` (paths), `labels` (int), `records` (callable or None) and
+`num_examples`, such as `pipelines.sources.Split`. Elements are `(uint8 [B, S, S, 3], int64 [B])`.
+
+Training order is reproducible from (seed, epoch) alone: epoch e visits the examples in a
+permutation drawn from (seed, e), and example number p of that epoch is augmented with a seed
+drawn from (seed, e, p). Skipping (resume) and sharding (multi-worker) therefore act on integer
+positions before any file is read, and a resumed run sees the same pixels as an uninterrupted one.
+"""
+
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from pipelines import preprocessing
+
+AUTOTUNE = tf.data.AUTOTUNE
+# Each epoch's position list is cut into this many chunks so a data service can hand them out to
+# its workers dynamically; each chunk recomputes the epoch's permutation (17 ms for 1.28M files).
+CHUNKS_PER_EPOCH = 64
+# Stream salts so the order and the augmentation of an epoch use independent random numbers.
+_ORDER_SALT, _AUGMENT_SALT = 0, 1
+# cache= on a file split holds every encoded file in memory; beyond this, use TFRecords instead.
+CACHE_MAX_BYTES = 1 << 30
+# Shuffle buffer for splits given as records (TFDS), which have no file list to permute.
+RECORDS_SHUFFLE_BUFFER = 10_000
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Training steps per epoch; the last partial batch is dropped."""
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    return num_examples // global_batch_size
+
+
+def _options(deterministic: bool, sharded: bool) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    # Several parallel map calls already use every core; intra-op threads would only contend.
+    options.threading.max_intra_op_parallelism = 1
+    if sharded:  # the pipeline shards itself; auto-sharding would fall back to DATA (decode all)
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return options
+
+
+def _pipeline_layout(global_batch_size, input_context):
+    """(input pipeline id, number of pipelines, batch size of this pipeline's elements)."""
+    if input_context is None:
+        return 0, 1, global_batch_size
+    return (input_context.input_pipeline_id, input_context.num_input_pipelines,
+            input_context.get_per_replica_batch_size(global_batch_size))
+
+
+def _has_files(split) -> bool:
+    return split.files is not None and len(split.files) > 0
+
+
+def _cached_bytes(files: np.ndarray, cache: str) -> tf.Tensor:
+    """Every file's bytes in one string tensor (read once; `cache` may name a tf.data cache file)."""
+    total = sum(os.path.getsize(f) for f in files)
+    if total > CACHE_MAX_BYTES:
+        raise ValueError(f"cache={cache!r} needs {total / 2**30:.1f} GiB of encoded images in "
+                         f"memory (limit {CACHE_MAX_BYTES / 2**30:.0f} GiB): use cache=None")
+    ds = tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file, num_parallel_calls=AUTOTUNE)
+    ds = ds.cache("" if cache == "memory" else cache)
+    return ds.batch(len(files)).get_single_element()
+
+
+def _example_seed(seed, epoch, position) -> tf.Tensor:
+    base = tf.constant([seed, _AUGMENT_SALT], tf.int64)
+    return tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(base, epoch), position)
+
+
+def _file_positions(num_examples, examples_per_epoch, seed, start_epoch, num_epochs, skip,
+                    pipeline_id, num_pipelines):
+    """Dataset of (epoch, position in epoch, file index) int64 triples, in training order."""
+    chunk = max(1, math.ceil(examples_per_epoch / CHUNKS_PER_EPOCH))
+    chunks = math.ceil(examples_per_epoch / chunk)
+
+    def chunk_positions(g):
+        epoch = start_epoch + g // chunks
+        lo = (g % chunks) * chunk
+        pos = tf.range(lo, tf.minimum(lo + chunk, examples_per_epoch), dtype=tf.int64)
+        keep = tf.equal(pos % num_pipelines, pipeline_id)
+        keep &= (g >= chunks) | (pos >= skip)  # resume: skip happens on positions, not pixels
+        pos = tf.boolean_mask(pos, keep)
+        order_seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([seed, _ORDER_SALT], tf.int64), epoch)
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(num_examples, dtype=tf.int64), seed=order_seed)
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.fill(tf.shape(pos), epoch), pos, tf.gather(perm, pos)))
+
+    # A range source lets a tf.data service split the work by chunk (dynamic sharding).
+    return tf.data.Dataset.range(skip // chunk, num_epochs * chunks).flat_map(chunk_positions)
+
+
+def _record_positions(records, examples_per_epoch, seed, start_epoch, num_epochs, skip,
+                      pipeline_id, num_pipelines):
+    """Dataset of (epoch, position, image_bytes, label) for splits without files (TFDS)."""
+
+    def epoch_records(epoch):
+        order_seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([seed, _ORDER_SALT], tf.int64), epoch)
+        ds = records().shuffle(RECORDS_SHUFFLE_BUFFER, seed=order_seed[1])
+        ds = ds.take(examples_per_epoch).enumerate()
+        first = tf.where(tf.equal(epoch, start_epoch), tf.constant(skip, tf.int64), 0)
+        ds = ds.filter(lambda pos, _: (pos >= first) & tf.equal(pos % num_pipelines, pipeline_id))
+        return ds.map(lambda pos, record: (epoch, pos) + tuple(record))
+
+    return tf.data.Dataset.range(start_epoch, start_epoch + num_epochs).flat_map(epoch_records)
+
+
+def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed: int,
+                        start_epoch: int = 0, num_epochs: int = 1, skip_steps: int = 0,
+                        input_context=None, deterministic: bool = False, cache=None,
+                        data_service=None, max_steps_per_epoch=None) -> tf.data.Dataset:
+    """Augmented training batches for epochs [start_epoch, start_epoch + num_epochs).
+
+    Each epoch has exactly steps_per_epoch(num_examples, global_batch_size) global batches, none
+    straddling two epochs. skip_steps global batches of the first epoch are dropped on positions
+    (no file is read); skip_steps >= steps_per_epoch rolls over into later epochs.
+    input_context: each input pipeline keeps positions p % num_input_pipelines == its id and
+    batches the per-replica batch size, so each image is decoded by one worker only.
+    deterministic=False lets parallel maps emit out of order (faster); the set of pixels and
+    labels in each batch is then only approximately reproducible.
+    cache: None, "memory" or a file path. For file splits, the encoded files are read once into
+    memory (crops stay random each epoch); limited to CACHE_MAX_BYTES.
+    data_service: "grpc://host:port" of a tf.data service dispatcher, or None. Decoding moves to
+    the service with processing_mode="distributed_epoch": the chunked position source is split
+    dynamically across service workers, so every example is decoded once per epoch (with
+    "parallel_epochs" each service worker would emit the whole epoch again). Batches are formed on
+    the client; order is then non-deterministic, the pixels of each example are not.
+    A file that cannot be read or decoded is logged and dropped, and the stream is topped up from
+    the epoch after the last one, so the number of batches stays exact (later batches of the run
+    shift by one example per bad file).
+    max_steps_per_epoch: shorter epochs (each still a fresh permutation of the whole split), so a
+    capped run's epochs and data epochs stay aligned.
+    """
+    steps = steps_per_epoch(split.num_examples, global_batch_size)
+    if max_steps_per_epoch:
+        steps = min(steps, max_steps_per_epoch)
+    if steps == 0:
+        raise ValueError(f"{split.num_examples} examples do not fill one batch of "
+                         f"global_batch_size={global_batch_size}")
+    if num_epochs < 1 or start_epoch < 0 or skip_steps < 0:
+        raise ValueError(f"need num_epochs >= 1, start_epoch >= 0, skip_steps >= 0; got "
+                         f"num_epochs={num_epochs}, start_epoch={start_epoch}, "
+                         f"skip_steps={skip_steps}")
+    start_epoch += skip_steps // steps
+    num_epochs -= skip_steps // steps
+    skip_steps %= steps
+    if num_epochs < 1:
+        raise ValueError(f"skip_steps leaves no epoch to train: {num_epochs} left")
+    pipeline_id, num_pipelines, batch_size = _pipeline_layout(global_batch_size, input_context)
+    if data_service:  # the service spreads examples over consumers; no static shard
+        pipeline_id, num_pipelines = 0, 1
+    if global_batch_size % num_pipelines:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                         f"{num_pipelines} input pipelines")
+    examples_per_epoch = steps * global_batch_size
+    skip = skip_steps * global_batch_size
+    total = (num_epochs * examples_per_epoch - skip) // num_pipelines
+
+    has_files, image_bytes = _has_files(split), None
+    if has_files:
+        files = tf.constant(np.asarray(split.files, dtype=str))
+        image_bytes = _cached_bytes(np.asarray(split.files, dtype=str), cache) if cache else None
+        labels = tf.constant(np.asarray(split.labels, dtype=np.int64))
+    elif split.records is None:
+        raise ValueError("split has neither files nor records")
+    elif data_service:
+        raise ValueError("data_service needs a file split; records splits are read locally")
+
+    def load(epoch, pos, idx):
+        raw = tf.io.read_file(files[idx]) if image_bytes is None else image_bytes[idx]
+        image = preprocessing.preprocess_for_train(
+            raw, image_size, _example_seed(seed, epoch, pos))
+        return image, labels[idx]
+
+    def load_record(epoch, pos, raw, label):
+        image = preprocessing.preprocess_for_train(
+            raw, image_size, _example_seed(seed, epoch, pos))
+        return image, tf.cast(label, tf.int64)
+
+    def examples(first_epoch, epochs, skip_positions, job_suffix):
+        if has_files:
+            ds = _file_positions(split.num_examples, examples_per_epoch, seed, first_epoch,
+                                 epochs, skip_positions, pipeline_id, num_pipelines)
+            ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        else:
+            ds = _record_positions(split.records, examples_per_epoch, seed, first_epoch, epochs,
+                                   skip_positions, pipeline_id, num_pipelines)
+            if cache:
+                ds = ds.cache("" if cache == "memory" else cache)
+            ds = ds.map(load_record, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        # Truncated/corrupt files (a few in ImageNet) must not stop training: drop, top up below.
+        ds = ds.ignore_errors(log_warning=True)
+        if data_service:
+            ds = ds.apply(tf.data.experimental.service.distribute(
+                processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+                service=data_service,
+                job_name=f"train_s{seed}_e{first_epoch}_k{skip_positions}{job_suffix}"))
+        return ds
+
+    ds = examples(start_epoch, num_epochs, skip, "")
+    # Spare examples (read only if some were dropped) keep the count exact.
+    ds = ds.concatenate(examples(start_epoch + num_epochs, 1, 0, "_spare")).take(total)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    return ds.with_options(_options(deterministic, sharded=input_context is not None))
+
+
+def build_eval_dataset(split, *, global_batch_size: int, image_size: int, input_context=None,
+                       cache=None) -> tf.data.Dataset:
+    """Resized, center-cropped batches in file order; the last partial batch is kept.
+
+    With input_context, pipeline i evaluates examples i, i + n, i + 2n, ... (n pipelines).
+    cache: None, "memory" or a file path; caches the preprocessed uint8 images, so later
+    evaluations skip decoding. An unreadable file is logged and left out.
+    """
+    pipeline_id, num_pipelines, batch_size = _pipeline_layout(global_batch_size, input_context)
+    if _has_files(split):
+        ds = tf.data.Dataset.from_tensor_slices(
+            (np.asarray(split.files, dtype=str), np.asarray(split.labels, dtype=np.int64)))
+        ds = ds.shard(num_pipelines, pipeline_id).map(lambda f, y: (tf.io.read_file(f), y))
+    elif split.records is not None:
+        ds = split.records().shard(num_pipelines, pipeline_id)
+    else:
+        raise ValueError("split has neither files nor records")
+    ds = ds.map(lambda raw, y: (preprocessing.preprocess_for_eval(raw, image_size),
+                                tf.cast(y, tf.int64)), num_parallel_calls=AUTOTUNE)
+    ds = ds.ignore_errors(log_warning=True)
+    if cache:
+        ds = ds.cache("" if cache == "memory" else cache)
+    ds = ds.batch(batch_size).prefetch(AUTOTUNE)
+    return ds.with_options(_options(True, sharded=input_context is not None))
+
+
+def synthetic_dataset(*, batch_size: int, image_size: int, num_classes: int,
+                      seed: int = 0) -> tf.data.Dataset:
+    """One random batch repeated forever: measures the model without any input cost."""
+    images = tf.random.stateless_uniform(
+        [batch_size, image_size, image_size, 3], [seed, 0], 0, 256, dtype=tf.int32)
+    labels = tf.random.stateless_uniform(
+        [batch_size], [seed, 1], 0, num_classes, dtype=tf.int64)
+    return tf.data.Dataset.from_tensors((tf.cast(images, tf.uint8), labels)).repeat()

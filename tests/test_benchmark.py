@@ -1,0 +1,48 @@
+"""keras_resnet.benchmark: a tiny run prints the comparison table and parseable last lines.
+
+No timing is asserted (the numbers depend on the machine and its load), only the format and that
+every rate is positive.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def run_benchmark(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "keras_resnet.benchmark", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_tiny_benchmark_prints_table_ratio_and_images_per_sec():
+    done = run_benchmark("--depth=18", "--image_size=32", "--batch_size=2", "--warmup_steps=1",
+                         "--steps=2", "--precision=auto,float32", "--noisolate")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+
+    last = re.fullmatch(rf"images/s: {NUMBER}", lines[-1])
+    assert last, lines[-1]
+    assert float(last.group(1)) > 0
+    ratio = re.fullmatch(rf"ratio: {NUMBER}", lines[-2])
+    assert ratio and float(ratio.group(1)) > 0, lines[-2]
+
+    header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    rows = lines[header + 1:-2]
+    assert [row.split()[0] for row in rows] == ["resnet18", "resnet18",
+                                                "keras.applications.ResNet50"]
+    assert rows[0].split()[1].startswith("auto=")  # the resolved default policy is shown
+    assert rows[2].split()[1] == "float32"
+    for row in rows:
+        images_per_sec = float(row.split()[4])
+        assert images_per_sec > 0, row
+    assert rows[2].split()[8] == "1.00x"  # the baseline against itself
+
+
+def test_bad_setting_is_a_one_line_usage_error():
+    done = run_benchmark("--precision=float64", timeout=120)
+    assert done.returncode != 0
+    assert "--precision='float64'; valid: auto, float32" in done.stderr

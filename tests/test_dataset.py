@@ -1,0 +1,201 @@
+"""pipelines.dataset: epoch structure, order and augmentation seeds, resume, sharding, bad files.
+
+Each test file's label is its own index, so labels identify which file an element came from.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from pipelines import dataset
+
+NUM_FILES = 22  # with batch 4: 5 steps per epoch, 2 files left out of each epoch
+BATCH = 4
+SIZE = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeSplit:  # the fields of pipelines.sources.Split that pipelines.dataset reads
+    files: np.ndarray
+    labels: np.ndarray
+    records: object = None
+    num_examples: int = 0
+
+
+def _write(path, index, fmt="JPEG", mode="RGB"):
+    rng = np.random.default_rng(index)
+    h, w = (40, 48) if index % 2 else (48, 36)
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 5 + index * 7, y * 5, np.full_like(x, index * 11)], -1) % 256
+    rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).convert(mode).save(path, fmt)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    files = []
+    for i in range(NUM_FILES):
+        path = str(root / f"img_{i:03d}.JPEG")
+        # One PNG and one CMYK JPEG named .JPEG, as ImageNet has.
+        _write(path, i, fmt="PNG" if i == 3 else "JPEG", mode="CMYK" if i == 5 else "RGB")
+        files.append(path)
+    return FakeSplit(np.array(files), np.arange(NUM_FILES, dtype=np.int64), None, NUM_FILES)
+
+
+def _train(split, **kwargs):
+    kwargs = {"global_batch_size": BATCH, "image_size": SIZE, "seed": 1, "deterministic": True,
+              **kwargs}
+    return [(x.numpy(), y.numpy()) for x, y in dataset.build_train_dataset(split, **kwargs)]
+
+
+def _labels(batches):
+    return np.concatenate([y for _, y in batches])
+
+
+def _pixels(batches):
+    return np.concatenate([x for x, _ in batches])
+
+
+def test_steps_per_epoch_drops_the_remainder():
+    assert dataset.steps_per_epoch(22, 4) == 5
+    assert dataset.steps_per_epoch(3, 4) == 0
+    with pytest.raises(ValueError, match="global_batch_size must be positive, got 0"):
+        dataset.steps_per_epoch(10, 0)
+
+
+def test_train_yields_exact_epochs_of_distinct_files(split):
+    batches = _train(split, num_epochs=3)
+    assert len(batches) == 3 * 5
+    for x, y in batches:
+        assert x.shape == (BATCH, SIZE, SIZE, 3) and x.dtype == np.uint8 and y.dtype == np.int64
+    epochs = _labels(batches).reshape(3, 20)
+    for epoch in epochs:  # each epoch visits 20 distinct files, none twice
+        assert len(set(epoch)) == 20
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+    # Epoch 1 of a run is epoch 1 of any run with the same seed.
+    np.testing.assert_array_equal(_labels(_train(split, start_epoch=1)), epochs[1])
+
+
+def test_same_seed_same_batches_different_seed_different(split):
+    a, b = _train(split, num_epochs=1), _train(split, num_epochs=1)
+    np.testing.assert_array_equal(_labels(a), _labels(b))
+    np.testing.assert_array_equal(_pixels(a), _pixels(b))
+    c = _train(split, num_epochs=1, seed=2)
+    assert not np.array_equal(_labels(a), _labels(c))
+
+
+def test_augmentation_changes_between_epochs(split):
+    batches = _train(split, num_epochs=2)
+    labels, pixels = _labels(batches), _pixels(batches)
+    first = {label: pixels[i] for i, label in enumerate(labels[:20])}
+    later = {label: pixels[20 + i] for i, label in enumerate(labels[20:])}
+    common = set(first) & set(later)
+    assert sum(not np.array_equal(first[k], later[k]) for k in common) > len(common) // 2
+
+
+@pytest.mark.parametrize("skip_steps", [2, 7])
+def test_resume_equals_the_tail_of_an_uninterrupted_run(split, skip_steps):
+    full = _train(split, num_epochs=2)
+    resumed = _train(split, num_epochs=2, skip_steps=skip_steps)
+    assert len(resumed) == 10 - skip_steps
+    np.testing.assert_array_equal(_labels(resumed), _labels(full[skip_steps:]))
+    np.testing.assert_array_equal(_pixels(resumed), _pixels(full[skip_steps:]))
+
+
+def test_two_input_pipelines_partition_each_epoch(split):
+    full = _train(split, num_epochs=2)
+    full_by_label = {}
+    for i, label in enumerate(_labels(full[:5])):
+        full_by_label[label] = _pixels(full[:5])[i]
+    shards = []
+    for i in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=i,
+                                         num_replicas_in_sync=2)
+        batches = _train(split, num_epochs=2, input_context=ctx)
+        assert len(batches) == 10 and all(x.shape[0] == BATCH // 2 for x, _ in batches)
+        shards.append(batches)
+    epoch0 = [set(_labels(s[:5])) for s in shards]
+    assert not epoch0[0] & epoch0[1]
+    assert epoch0[0] | epoch0[1] == set(_labels(full[:5]))
+    # An example gets the same crop whichever pipeline decodes it (seed = epoch and position).
+    for shard in shards:
+        for i, label in enumerate(_labels(shard[:5])):
+            np.testing.assert_array_equal(_pixels(shard[:5])[i], full_by_label[label])
+
+
+def test_bad_files_keep_the_epoch_length(split, tmp_path):
+    files = list(split.files)
+    data = open(files[0], "rb").read()
+    (tmp_path / "cut.JPEG").write_bytes(data[:200])  # inside the header: undecodable
+    (tmp_path / "tail.JPEG").write_bytes(data[: len(data) * 3 // 4])  # missing rows: recovered
+    (tmp_path / "junk.JPEG").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    bad = [str(tmp_path / n) for n in ("cut.JPEG", "tail.JPEG", "junk.JPEG")]
+    files = np.array(bad + files[3:])
+    broken = FakeSplit(files, np.arange(len(files)), None, len(files))
+    batches = _train(broken, num_epochs=2)
+    assert len(batches) == 2 * 5
+    assert all(x.shape == (BATCH, SIZE, SIZE, 3) for x, _ in batches)
+    labels = _labels(batches)
+    assert 0 not in labels and 2 not in labels  # undecodable files are dropped, topped up
+
+
+def test_cache_gives_the_same_batches(split, tmp_path):
+    plain = _train(split, num_epochs=2)
+    for cache in ("memory", str(tmp_path / "train_cache")):
+        cached = _train(split, num_epochs=2, cache=cache)
+        np.testing.assert_array_equal(_pixels(cached), _pixels(plain))
+    evals = [dataset.build_eval_dataset(split, global_batch_size=BATCH, image_size=SIZE,
+                                        cache=str(tmp_path / "eval_cache")) for _ in range(2)]
+    first = [x.numpy() for x, _ in evals[0]]
+    assert list(tmp_path.glob("eval_cache*"))
+    np.testing.assert_array_equal(np.concatenate(first),
+                                  np.concatenate([x.numpy() for x, _ in evals[1]]))
+
+
+def test_eval_keeps_file_order_and_the_last_partial_batch(split):
+    batches = list(dataset.build_eval_dataset(split, global_batch_size=BATCH, image_size=SIZE))
+    assert [int(y.shape[0]) for _, y in batches] == [4] * 5 + [2]
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.arange(NUM_FILES))
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,
+                                     num_replicas_in_sync=2)
+    shard = dataset.build_eval_dataset(split, global_batch_size=BATCH, image_size=SIZE,
+                                       input_context=ctx)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in shard]), np.arange(1, 22, 2))
+
+
+def test_records_split_trains_exact_epochs(split):
+    def records():
+        return tf.data.Dataset.from_tensor_slices(split.files).map(
+            lambda f: (tf.io.read_file(f), tf.strings.to_number(
+                tf.strings.substr(f, -8, 3), tf.int64)))
+
+    rec = FakeSplit(None, None, records, NUM_FILES)
+    batches = _train(rec, num_epochs=2)
+    assert len(batches) == 10
+    epochs = _labels(batches).reshape(2, 20)
+    assert len(set(epochs[0])) == 20 and len(set(epochs[1])) == 20
+    np.testing.assert_array_equal(_labels(_train(rec, num_epochs=2, skip_steps=3)),
+                                  _labels(batches[3:]))
+
+
+def test_bad_arguments_echo_the_value(split):
+    with pytest.raises(ValueError, match="22 examples do not fill one batch"):
+        dataset.build_train_dataset(split, global_batch_size=64, image_size=SIZE, seed=0)
+    with pytest.raises(ValueError, match="cache='memory' needs"):
+        old, dataset.CACHE_MAX_BYTES = dataset.CACHE_MAX_BYTES, 10
+        try:
+            dataset.build_train_dataset(split, global_batch_size=BATCH, image_size=SIZE, seed=0,
+                                        cache="memory")
+        finally:
+            dataset.CACHE_MAX_BYTES = old
+
+
+def test_synthetic_dataset_shapes():
+    x, y = next(iter(dataset.synthetic_dataset(batch_size=2, image_size=SIZE, num_classes=5)))
+    assert x.shape == (2, SIZE, SIZE, 3) and x.dtype == tf.uint8
+    assert y.dtype == tf.int64 and all(0 <= int(v) < 5 for v in y)
+
