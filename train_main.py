@@ -79,6 +79,15 @@ _define_flags()
 FLAGS = flags.FLAGS
 
 
+class _QuietLibraries(py_logging.Filter):
+    """Drops TensorFlow's and Keras's own INFO lines (e.g. one per checkpoint shard), keeping
+    ours and every warning."""
+
+    def filter(self, record):
+        library = any(f"{os.sep}{name}{os.sep}" in record.pathname for name in ("tensorflow", "keras"))
+        return record.levelno >= py_logging.WARNING or not library
+
+
 def config_from_flags():
     return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
 
@@ -94,7 +103,9 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ INFO lines
     from keras_resnet import train  # heavy import (TensorFlow) after flags are checked
 
-    py_logging.getLogger("tensorflow").setLevel(py_logging.WARNING)  # TF's Python INFO chatter
+    quiet = _QuietLibraries()
+    py_logging.getLogger("tensorflow").addFilter(quiet)
+    py_logging.getLogger("absl").addFilter(quiet)  # TensorFlow also logs through absl
 
     if config.summary:
         print(train.summarize(config))

@@ -196,7 +196,10 @@ def _verbose(config):
 def train_and_evaluate(config):
     """Trains `config`, resuming from `model_dir` when it holds a checkpoint; returns results."""
     config.validate()
-    strategy = distribute.make_strategy(config.distribution, config.tpu)
+    try:
+        strategy = distribute.make_strategy(config.distribution, config.tpu)
+    except distribute.ClusterError as e:
+        raise UserError(str(e)) from None
     if config.batch_size % strategy.num_replicas_in_sync:
         raise UserError(f"--batch_size={config.batch_size} does not divide evenly over "
                         f"{strategy.num_replicas_in_sync} replicas; use a multiple of it.")
@@ -257,6 +260,10 @@ def train_and_evaluate(config):
             ckpt, steps_per_epoch, config.checkpoint_every_steps, config.checkpoint_every_secs,
             model_dir, stop, write=writer)
         callbacks = _callbacks(config, model_dir, writer, checkpoint_cb, throughput)
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            from keras_resnet import multi_worker  # first: later callbacks see averaged BN stats
+
+            callbacks.insert(0, multi_worker.SyncWorkers())
         # Two fit calls at most: the rest of an interrupted epoch, then the remaining epochs.
         segments = []
         if start_step and start_epoch < config.epochs:
@@ -318,6 +325,8 @@ def _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch,
 
         export.write_classes_json(os.path.join(model_dir, "classes.json"), class_ids, class_names)
         serving_model = keras.saving.load_model(best_path, compile=False) if best_path else model
+        logging.info("Exporting the %s model as a SavedModel under %s ...",
+                     "best" if best_path else "final", config.resolved_export_dir)
         export_path = export.export_saved_model(
             serving_model, config.resolved_export_dir, image_size=config.image_size,
             class_ids=class_ids, class_names=class_names)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from keras_resnet.config import Config
@@ -97,6 +98,27 @@ def test_batch_must_divide_over_replicas(tmp_path, monkeypatch):
     monkeypatch.setattr(train.distribute, "make_strategy", lambda *a: TwoReplicas())
     with pytest.raises(train.UserError, match="--batch_size=3 does not divide evenly over 2"):
         train.train_and_evaluate(tiny_config(tmp_path, batch_size=3, dataset="synthetic"))
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    from keras_resnet.train import UserError, train_and_evaluate
+
+    config = tiny_config(tmp_path, dataset="synthetic", batch_size=4, epochs=2, steps_per_epoch=4,
+                         base_learning_rate=1e30, warmup_epochs=0, export=False)
+    with pytest.raises(UserError, match="loss became NaN/inf at epoch 1, step 2") as error:
+        train_and_evaluate(config)
+    assert "last good checkpoint is kept" in str(error.value)
+    reader = tf_checkpoint_reader(tmp_path / "run" / "checkpoints")
+    weights = [reader.get_tensor(n) for n in reader.get_variable_to_shape_map()]
+    weights = [w for w in weights if getattr(w, "dtype", None) == np.float32]
+    assert len(weights) > 60 and all(np.isfinite(w).all() for w in weights)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def tf_checkpoint_reader(directory):
+    import tensorflow as tf
+
+    return tf.train.load_checkpoint(str(directory))
 
 
 def test_demo_learns_well_above_chance(tmp_path):
