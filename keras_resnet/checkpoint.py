@@ -13,9 +13,11 @@ epoch counter, and its weight files are written in place (see shared PITFALLS). 
   and its score lives in `best.json` (also written atomically), so it survives restarts.
 """
 
+import atexit
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -82,13 +84,21 @@ class TrainingCheckpoint:
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch)
         # Non-chief workers of a multi-worker run must still take part in the save (its ops may
-        # be collective) but write to a private temporary directory that is thrown away.
-        self.directory = directory if write else tempfile.mkdtemp(prefix="ckpt-worker-")
+        # be collective) but write to a private temporary directory, removed at exit (one
+        # checkpoint kept). They restore from the chief's directory, so every worker resumes
+        # from the same state and makes the same collective calls.
+        self.restore_directory = directory
+        if write:
+            self.directory = directory
+        else:
+            self.directory = tempfile.mkdtemp(prefix="ckpt-worker-")
+            atexit.register(shutil.rmtree, self.directory, ignore_errors=True)
+            keep = 1
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=keep)
 
     def restore(self):
         """Restores the latest checkpoint. Returns (epoch, step_in_epoch); (0, 0) for a new run."""
-        path = self.manager.latest_checkpoint
+        path = tf.train.latest_checkpoint(self.restore_directory)
         if not path:
             return 0, 0
         # Slots are created lazily; build them so they are restored now, not deferred.

@@ -11,6 +11,10 @@ MIN_FP16_CAPABILITY = (7, 0)
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
+class ClusterError(RuntimeError):
+    """The multi-worker cluster in TF_CONFIG did not form (a peer is unreachable or late)."""
+
+
 def tf_config_workers():
     """Number of tasks (chief + workers) named by TF_CONFIG; 0 when unset."""
     cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})

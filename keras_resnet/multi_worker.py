@@ -23,29 +23,38 @@ localhost:
 
 Both replacements run only for a MultiWorkerMirroredStrategy in multi-worker mode; everything
 else goes to the original Keras code. `tests/test_multi_worker.py::test_keras_still_needs_patch`
-runs a 2-worker `fit` without the patch and fails once Keras works unpatched: then delete
-`patch_keras` and its call.
+runs a 2-worker `fit` unpatched, then with fix 1 only, and fails once a stage works without its
+fix: then delete that `patch_*` function.
 
-Peers: MultiWorkerMirroredStrategy() blocks until every task in TF_CONFIG has joined, with no
-deadline (a missing peer hangs it forever, and TensorFlow ignores SIGTERM meanwhile). A watchdog
-thread waits `peer_timeout_secs`; if the cluster has not formed by then it probes every peer's
-address over TCP and ends the process with one line naming the addresses that do not answer.
+BatchNorm statistics: Keras 3 creates `moving_mean` / `moving_variance` with aggregation "none",
+so each replica updates its own copy from its own data and the workers drift apart (tf.keras 2
+averaged them on read). `SyncWorkers`, a callback, averages every float non-trainable variable
+across all replicas before each validation pass and at each epoch end, so validation, the
+epoch-end checkpoint, `best.keras` and the export use the same statistics on every worker, and
+all workers end with identical weights (it logs a fingerprint of them at the end to show it).
+Checkpoints saved inside an epoch hold the chief's own statistics (resuming restores them on
+every worker alike).
+
+Peers: MultiWorkerMirroredStrategy() waits for every task in TF_CONFIG with no deadline: a
+missing peer hangs it forever, holding the GIL (so no Python thread can time it out), and
+TensorFlow ignores SIGTERM meanwhile. `make_strategy` configures TensorFlow's coordination
+service itself, as the strategy would, plus a registration deadline that applies to every task;
+when it passes, it probes each peer's address over TCP and raises `distribute.ClusterError` with
+one line naming the addresses that do not answer.
 """
 
+import hashlib
 import json
 import os
 import socket
-import sys
-import threading
 
+import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 PEER_TIMEOUT_SECS = 300.0  # workers of one job may start minutes apart (scheduling, image pulls)
 PROBE_TIMEOUT_SECS = 2.0
-EXIT_CODE = 2  # as train_main's user errors
-
-_patched = False
 
 
 def cluster_tasks(tf_config=None):
@@ -75,7 +84,8 @@ def unreachable_peers(tasks, me, timeout=PROBE_TIMEOUT_SECS):
     return bad
 
 
-def _peer_error(tasks, me, timeout):
+def peer_error(tasks, me, timeout):
+    """One line for a cluster that did not form: the unreachable peers, or what else to check."""
     bad = unreachable_peers(tasks, me)
     if bad:
         names = ", ".join(f"{name} at {address}" for name, address in bad)
@@ -86,49 +96,57 @@ def _peer_error(tasks, me, timeout):
             f"within {timeout:g} s; check that every task runs with the same TF_CONFIG cluster.")
 
 
-class _Watchdog:
-    """Ends the process with a one-line error if the `with` body outlasts `timeout` seconds.
+def _configure_coordination(timeout_secs):
+    """Sets up the coordination service as MultiWorkerMirroredStrategy would, plus a deadline.
 
-    The body is blocked inside TensorFlow's C++ runtime, which neither raises nor lets a signal
-    handler run, so exiting the process is the only bounded way out.
+    The strategy configures the service only when none is configured yet, and without a
+    registration deadline. `cluster_register_with_barrier` (a field `configure_coordination_service`
+    does not expose) makes the deadline apply to every task: without it task 0, which hosts the
+    service, waits for missing peers forever.
     """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
 
-    def __init__(self, timeout, tasks, me):
-        self.timeout, self.tasks, self.me = timeout, tasks, me
-        self._done = threading.Event()
-
-    def _watch(self):
-        if self._done.wait(self.timeout):
-            return
-        message = _peer_error(self.tasks, self.me, self.timeout)
-        logging.error("%s", message)
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        os._exit(EXIT_CODE)
-
-    def __enter__(self):
-        threading.Thread(target=self._watch, name="peer-watchdog", daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self._done.set()
-        return False
+    cluster_spec = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster_spec.num_tasks(job))
+            for job in ("chief", "worker") if job in cluster_spec.jobs]
+    ctx = context.context()
+    ctx.configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(cluster_spec),
+        coordinated_jobs=jobs,
+        cluster_register_timeout_in_ms=int(timeout_secs * 1000))
+    config = getattr(ctx, "_coordination_service_config", None)
+    if config is not None and hasattr(config, "cluster_register_with_barrier"):
+        config.cluster_register_with_barrier = True
+    else:
+        logging.warning("This TensorFlow has no cluster_register_with_barrier: task 0 may wait "
+                        "for missing peers without a deadline.")
 
 
 def make_strategy(peer_timeout_secs=PEER_TIMEOUT_SECS):
-    """MultiWorkerMirroredStrategy from TF_CONFIG, patched Keras, peers awaited with a deadline.
+    """MultiWorkerMirroredStrategy from TF_CONFIG, with Keras patched and a deadline for peers.
 
     Call before any other TensorFlow op runs (the strategy starts this process's gRPC server).
+    Without TF_CONFIG this is a one-worker strategy over the local devices. Raises
+    `distribute.ClusterError`, naming the peers it cannot reach, when the cluster has not formed
+    within `peer_timeout_secs` (counted from this task's start).
     """
-    tasks, me = cluster_tasks()
-    if len(tasks) < 1:
-        raise ValueError("--distribution=multi_worker needs TF_CONFIG naming the cluster, e.g. "
-                         '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                         '"task": {"type": "worker", "index": 0}}.')
+    from keras_resnet.distribute import ClusterError
+
     patch_keras()
+    tasks, me = cluster_tasks()
+    if len(tasks) < 2:
+        return tf.distribute.MultiWorkerMirroredStrategy()
     logging.info("Waiting up to %g s for the cluster %s (this task: %s).", peer_timeout_secs,
                  [address for _, address in tasks], me)
-    with _Watchdog(peer_timeout_secs, tasks, me):
+    _configure_coordination(peer_timeout_secs)
+    try:
         return tf.distribute.MultiWorkerMirroredStrategy()
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as e:
+        logging.info("The cluster did not form: %s", e)
+        raise ClusterError(peer_error(tasks, me, peer_timeout_secs)) from None
 
 
 def in_multi_worker_mode(strategy):
@@ -138,34 +156,98 @@ def in_multi_worker_mode(strategy):
 
 
 def patch_keras():
-    """Applies the two fixes above to Keras's TensorFlow trainer (once per process)."""
-    global _patched
-    if _patched:
-        return
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-    from keras.src.utils import tree
+    """Applies both fixes above to Keras's TensorFlow trainer (once per process)."""
+    patch_symbolic_build()
+    patch_reduce_per_replica()
 
-    original_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
-    original_reduce = tf_trainer.reduce_per_replica
+
+def patch_symbolic_build():
+    """Fix 1: build metrics and optimizer from this worker's own batch, with no all-reduce."""
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+    if getattr(original, "_keras_resnet_patch", False):
+        return
+
+    def local_value(strategy, v):
+        if isinstance(v, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(v)[0]
+        return v
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = self._distribute_strategy
         if iterator is not None and strategy is not None and in_multi_worker_mode(strategy):
-            for _, _, it in iterator:  # the loop of the original: one batch, then stop
-                data_batch = tree.map_structure(
-                    lambda v: (strategy.experimental_local_results(v)[0]
-                               if isinstance(v, tf.distribute.DistributedValues) else v),
-                    next(it))
+            for _, _, it in iterator:  # as the original: the first batch, then stop
+                data_batch = tree.map_structure(lambda v: local_value(strategy, v), next(it))
                 break
             iterator = None
-        return original_build(self, iterator=iterator, data_batch=data_batch)
+        return original(self, iterator=iterator, data_batch=data_batch)
+
+    _maybe_symbolic_build._keras_resnet_patch = True
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+
+
+def patch_reduce_per_replica():
+    """Fix 2: the "mean" of step outputs is a mean across replicas (axis=None), not along axis 0."""
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "_keras_resnet_patch", False):
+        return
 
     def reduce_per_replica(values, strategy, reduction):
         if reduction in ("mean", "auto") and in_multi_worker_mode(strategy):
             return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
-        return original_reduce(values, strategy, reduction)
+        return original(values, strategy, reduction)
 
-    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
-    # Called by its global name from the train/test functions built in the trainer module.
+    reduce_per_replica._keras_resnet_patch = True
+    # The trainer's step functions look this name up in the module at trace time.
     tf_trainer.reduce_per_replica = reduce_per_replica
-    _patched = True
+
+
+def weights_fingerprint(model):
+    """sha256 (16 hex digits) of all of `model`'s weights: equal on workers holding equal weights."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class SyncWorkers(keras.callbacks.Callback):
+    """Averages BatchNorm statistics across workers before validation and at each epoch end.
+
+    Place it first in the callback list, so later `on_epoch_end` callbacks (checkpoints, the best
+    model) see the averaged values. Every worker must run it (it is a collective operation).
+    """
+
+    def set_model(self, model):
+        super().set_model(model)
+        strategy = model.distribute_strategy
+        variables = [v for v in model.non_trainable_variables
+                     if v.dtype.startswith(("float", "bfloat"))]
+
+        def average_in_replica():
+            # In replica context each variable reads and (aggregation "none") writes its local copy.
+            means = tf.distribute.get_replica_context().all_reduce(
+                "MEAN", [tf.identity(v.value) for v in variables])
+            for variable, mean in zip(variables, means, strict=True):
+                variable.assign(mean)
+
+        self._average = tf.function(lambda: strategy.run(average_in_replica))
+        self._has_variables = bool(variables)
+
+    def _sync(self):
+        if self._has_variables:
+            self._average()
+
+    def on_test_begin(self, logs=None):
+        self._sync()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._sync()
+
+    def on_train_end(self, logs=None):
+        logging.info("Task %s weights fingerprint: %s", cluster_tasks()[1],
+                     weights_fingerprint(self.model))

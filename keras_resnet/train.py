@@ -242,7 +242,8 @@ def train_and_evaluate(config):
         ckpt_lib.write_json_atomic(os.path.join(model_dir, "config.json"), config.to_dict())
     if start_epoch or start_step:
         logging.info("Resumed from %s: epoch %d, step %d of %d (global step %d).",
-                     ckpt.manager.latest_checkpoint, start_epoch + 1, start_step, steps_per_epoch,
+                     tf.train.latest_checkpoint(ckpt.restore_directory), start_epoch + 1,
+                     start_step, steps_per_epoch,
                      int(optimizer.iterations.numpy()))
         print(f"Resuming at epoch {start_epoch + 1}/{config.epochs}, step "
               f"{start_step}/{steps_per_epoch}.", flush=True)
