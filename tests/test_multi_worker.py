@@ -197,3 +197,34 @@ def test_cluster_tasks_and_probe():
             ("worker 1", f"localhost:{closed_port}")]
     finally:
         listener.close()
+
+
+def test_two_workers_resume_from_the_chiefs_checkpoint(tmp_path):
+    """A finished 1-epoch run on a shared model_dir, extended to 2 epochs: both workers restore
+    the chief's checkpoint (the non-chief has none of its own) and end with equal weights."""
+    data_dir = tmp_path / "imagenet"
+    make_kaggle_tree(data_dir, num_classes=3, train_per_class=4, val_per_class=2, image_size=40)
+    from pipelines import sources
+
+    sources.load_source("imagenet", str(data_dir))
+
+    def run(epochs):
+        ports = free_ports(2)
+        command = [sys.executable, "train_main.py", "--dataset=imagenet", f"--data_dir={data_dir}",
+                   "--depth=18", "--image_size=32", "--batch_size=4", f"--epochs={epochs}",
+                   "--steps_per_epoch=2", "--validation_steps=1", "--mixed_precision=float32",
+                   "--verbose=2", "--export=false", f"--model_dir={tmp_path / 'run'}"]
+        outs = run_workers([command, command],
+                           [worker_env(ports, i, tmp_path / f"tmp{epochs}{i}") for i in range(2)],
+                           timeout=240)
+        for rc, out, err in outs:
+            assert rc == 0, err[-3000:]
+        return outs
+
+    run(1)
+    (_, out0, err0), (_, out1, err1) = run(2)
+    assert "Resuming at epoch 2/2, step 0/2" in out0 and "Resuming at epoch 2/2, step 0/2" in out1
+    prints = FINGERPRINT.findall(err0), FINGERPRINT.findall(err1)
+    assert len(prints[0]) == 1 and prints[0] == prints[1], prints
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["global_step"] == 4
