@@ -132,15 +132,6 @@ def _check_model(model, image_size):
                          f"{height}x{width}; pass image_size={height}.")
 
 
-def _crop_from_pixels(image, image_size):
-    """Eval preprocessing of a decoded uint8 image, through the eval pipeline's own code.
-
-    PNG is lossless, so encoding and running `preprocess_for_eval` gives exactly the pixels the
-    eval pipeline produces from the same image, without a second copy of the resize/crop logic.
-    """
-    return preprocessing.preprocess_for_eval(tf.io.encode_png(image), image_size)
-
-
 def _build_archive(model, image_size, class_ids, class_names):
     image_spec = tf.TensorSpec([image_size, image_size, 3], tf.uint8)
     probabilities = probabilities_fn(model)
@@ -175,7 +166,8 @@ def _build_archive(model, image_size, class_ids, class_names):
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     def serve_images(images):
-        images = tf.map_fn(lambda image: _crop_from_pixels(image, image_size), images,
+        images = tf.map_fn(lambda image: preprocessing.center_crop_for_eval(image, image_size),
+                           images,
                            fn_output_signature=image_spec)
         return outputs(images)
 

@@ -134,12 +134,16 @@ def eval_resize_size(image_size: int) -> int:
 
 
 def preprocess_for_eval(image_bytes, image_size: int) -> tf.Tensor:
-    """Resize the shorter side to image_size * 256/224, center crop image_size -> uint8 [S, S, 3].
+    """Decode, resize the shorter side to image_size * 256/224, center crop -> uint8 [S, S, 3]."""
+    return center_crop_for_eval(decode_image(image_bytes), image_size)
+
+
+def center_crop_for_eval(image, image_size: int) -> tf.Tensor:
+    """The eval resize + center crop of a decoded uint8 RGB image [H, W, 3] -> uint8 [S, S, 3].
 
     Same arithmetic as torchvision's Resize(int) + CenterCrop (long side truncated, crop offset
     rounded).
     """
-    image = decode_image(image_bytes)
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     short = eval_resize_size(image_size)
