@@ -13,8 +13,11 @@ keras.applications float32 baseline run in a fresh process, because thread pools
 rewrite options are fixed when TensorFlow starts. The first `--warmup_steps` steps (tracing,
 oneDNN kernel creation) are one `fit` call that is not timed; the next `--steps` steps are a
 second `fit` call timed step by step, and images/s is the batch size over the median step time
-(robust to other processes on a shared machine). The last line printed is
-`images/s: <number>` for the first setting.
+(robust to other processes on a shared machine); the `cpu s` column, CPU seconds of the process
+per step, moves even less with other load on a CPU. On GPUs the table adds the peak memory of
+GPU:0 (next to the `--summary` estimate) and the model FLOPs utilisation for the cards in
+`GPU_PEAK_TFLOPS` (these GPU paths are untested: no GPU was available when they were written).
+The last line printed is `images/s: <number>` for the first setting.
 
 `--precision=onednn_bfloat16` keeps the float32 Keras policy and lets TensorFlow's graph optimizer
 rewrite the training graph to bfloat16 (grappler `auto_mixed_precision_onednn_bfloat16`, CPUs).
@@ -64,7 +67,8 @@ flags.DEFINE_list("threads", ["0"], "Intra-op thread counts to compare (0: Tenso
 flags.DEFINE_integer("inter_op_threads", 0, "Inter-op threads (0: TensorFlow's default).")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps first (tracing, kernel creation).")
 flags.DEFINE_integer("steps", 5, "Timed steps.")
-flags.DEFINE_integer("repeats", 1, "Run every setting this many times (interleaved); keep the best.")
+flags.DEFINE_integer("repeats", 1, "Run every setting this many times, interleaved; keep the "
+                     "fastest run of each.")
 flags.DEFINE_bool("baseline", True, "Also time keras.applications ResNet in float32.")
 flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for the MFU column (0: GPUs in the "
                    "built-in table only).")
@@ -84,8 +88,7 @@ class Setting:
 
     @property
     def label(self):
-        name = f"resnet{FLAGS.depth}" if self.model == "project" else _baseline_name(FLAGS.depth)
-        return name
+        return f"resnet{FLAGS.depth}" if self.model == "project" else _baseline_name(FLAGS.depth)
 
 
 def _baseline_name(depth):
@@ -95,6 +98,10 @@ def _baseline_name(depth):
 
 def settings_from_flags():
     """The grid of settings (project model), then the baseline; validated against the choices."""
+    from keras_resnet.model import DEPTHS
+
+    if FLAGS.depth not in DEPTHS:
+        raise app.UsageError(f"--depth={FLAGS.depth}; valid: {', '.join(map(str, DEPTHS))}.")
     for value in FLAGS.precision:
         if value not in PRECISIONS:
             raise app.UsageError(f"--precision={value!r}; valid: {', '.join(PRECISIONS)}.")
@@ -211,14 +218,15 @@ def _step_timer():
     class StepTimer(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.times = []
+            self.times, self.cpu_times = [], []
 
         def on_train_batch_begin(self, batch, logs=None):
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, batch, logs=None):
             float((logs or {}).get("loss", 0.0))  # reading the loss waits for the step to finish
             self.times.append(time.perf_counter() - self._start)
+            self.cpu_times.append(time.process_time() - self._cpu_start)
 
     return StepTimer()
 
@@ -240,12 +248,13 @@ def run_setting(setting):
         build = _build_project if setting.model == "project" else _build_baseline
         model, dataset = build(setting, strategy)
         gpu = _gpu_name()
-        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
+        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0, shuffle=False)
         if gpu:
             tf.config.experimental.reset_memory_stats("GPU:0")
         timer = _step_timer()
         load_before = os.getloadavg()[0]
-        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0, callbacks=[timer])
+        model.fit(dataset, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0, shuffle=False,
+                  callbacks=[timer])
         load_after = os.getloadavg()[0]
         peak_memory = tf.config.experimental.get_memory_info("GPU:0")["peak"] if gpu else None
         step = statistics.median(timer.times)
@@ -253,6 +262,9 @@ def run_setting(setting):
         train_flops = TRAIN_FLOPS_PER_MAC * stats.count_macs(model)
         peak = peak_tflops(policy if setting.precision != "onednn_bfloat16" else "mixed", gpu)
         mfu = images_per_sec * train_flops / (peak * 1e12) if peak else None
+        # What `train_main.py --summary` predicts, to set against the measured peak on GPUs.
+        estimate = stats.estimate_memory(model, FLAGS.batch_size,
+                                         mixed_precision=policy.startswith("mixed"))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return {
@@ -265,9 +277,13 @@ def run_setting(setting):
         "threads": setting.threads or "default",
         "images_per_sec": images_per_sec,
         "step_seconds": timer.times,
+        # CPU seconds of this process per step: on a busy shared machine this moves less with
+        # the other processes' load than wall time does (CPU only; on GPUs it is host time).
+        "step_cpu_seconds": timer.cpu_times,
         "train_gflops_per_image": train_flops / 1e9,
         "mfu": mfu,
         "peak_memory_bytes": peak_memory,
+        "estimated_memory_bytes": estimate.total_bytes,
         "device": gpu or _cpu_name(),
         "load": max(load_before, load_after),
     }
@@ -312,19 +328,21 @@ def _fmt_row(r, baseline_rate):
     times = r["step_seconds"]
     ratio = f"{r['images_per_sec'] / baseline_rate:.2f}x" if baseline_rate else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-    memory = (f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r.get("peak_memory_bytes") is not None
+    memory = (f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") is not None
               else "-")
+    estimate = f"{r['estimated_memory_bytes'] / 2**30:.2f}"
     policy = r["policy"] if r["precision"] != "auto" else f"auto={r['policy']}"
     xla = f"{r['jit_compile']}={'on' if r['xla'] else 'off'}"
+    cpu = statistics.median(r["step_cpu_seconds"])
     return (f"{r['label']:<30} {policy:<24} {xla:<10} {r['threads']:>7} "
             f"{r['images_per_sec']:>9.2f} {statistics.median(times):>7.3f} "
-            f"{min(times):>6.3f}-{max(times):<6.3f} {ratio:>8} {mfu:>6} {memory:>10} "
-            f"{r['load']:>5.2f}")
+            f"{min(times):>6.3f}-{max(times):<6.3f} {cpu:>6.2f} {ratio:>8} {mfu:>6} {memory:>8} "
+            f"{estimate:>8} {r['load']:>5.2f}")
 
 
 HEADER = (f"{'model':<30} {'precision':<24} {'xla':<10} {'threads':>7} {'images/s':>9} "
-          f"{'step s':>7} {'min-max s':<13} {'vs base':>8} {'MFU':>6} {'peak mem':>10} "
-          f"{'load':>5}")
+          f"{'step s':>7} {'min-max s':<13} {'cpu s':>6} {'vs base':>8} {'MFU':>6} "
+          f"{'peak GiB':>8} {'est GiB':>8} {'load':>5}")
 
 
 def main(argv):
@@ -342,7 +360,8 @@ def main(argv):
         _configure_runtime(grid[0])
     print(f"Training step: ResNet-{FLAGS.depth}, batch {FLAGS.batch_size}, "
           f"{FLAGS.image_size}x{FLAGS.image_size}, channels-last, {FLAGS.warmup_steps} warm-up + "
-          f"{FLAGS.steps} timed steps, best of {FLAGS.repeats}; images/s = batch / median step.",
+          f"{FLAGS.steps} timed steps, best of {FLAGS.repeats}, inter-op threads "
+          f"{FLAGS.inter_op_threads or 'default'}; images/s = batch / median step.",
           flush=True)
     best = {}
     for _ in range(FLAGS.repeats):
@@ -352,8 +371,9 @@ def main(argv):
             else:
                 import tensorflow as tf
 
+                graph_bf16 = setting.precision == "onednn_bfloat16"
                 tf.config.optimizer.set_experimental_options(
-                    {"auto_mixed_precision_onednn_bfloat16": setting.precision == "onednn_bfloat16"})
+                    {"auto_mixed_precision_onednn_bfloat16": graph_bf16})
                 result = run_setting(setting)
             print(f"  {result['label']} {result['policy']} xla={result['xla']} "
                   f"threads={result['threads']}: {result['images_per_sec']:.2f} images/s "
@@ -367,7 +387,9 @@ def main(argv):
     print(f"\nDevice: {results[0]['device']}. Training GFLOPs per image: "
           f"{results[0]['train_gflops_per_image']:.1f} (3 x 2 x forward MACs). 'vs base': images/s "
           f"over {baseline['label'] + ' float32' if baseline else 'no baseline'}; 'load': 1-min "
-          "load average during the timed steps.")
+          "load average during the timed steps; 'cpu s': CPU seconds of the process per step (less "
+          "sensitive to other processes than wall time); 'peak GiB': measured on GPU:0; 'est GiB': "
+          "the --summary estimate.")
     print(HEADER)
     for r in results:
         print(_fmt_row(r, baseline_rate))

@@ -5,13 +5,17 @@ weights: every strided layer pads symmetrically by hand (PyTorch's `padding=k//2
 Keras's `"same"`, which pads more on the bottom/right for stride 2 and shifts every feature map.
 BatchNorm uses PyTorch's epsilon 1e-5 and momentum 0.1 (Keras momentum 0.9).
 
-Only Keras APIs are used here (no `tf.*`), so the model stays backend-portable.
+Only Keras APIs are used here, so the model stays backend-portable. BatchNorm layers are
+`FusedBatchNormalization` (keras_resnet/fused_batch_norm.py): Keras's BatchNormalization with the
+same variables and maths, computed by TensorFlow's fused kernel on the TensorFlow backend only.
 """
 
 from functools import partial
 
 import keras
 from keras import layers
+
+from keras_resnet.fused_batch_norm import FusedBatchNormalization
 
 # ImageNet RGB statistics on the [0, 1] scale (torchvision's `Normalize`); the optional first
 # layer applies them to uint8 / [0, 255] inputs so the input pipeline can ship uint8 pixels.
@@ -37,7 +41,7 @@ def _conv(filters, kernel_size, stride, name, *, use_bias, regularizer):
 
 
 # PyTorch BatchNorm2d defaults: eps=1e-5, momentum=0.1 (== Keras momentum 0.9).
-_bn = partial(layers.BatchNormalization, axis=-1, momentum=0.9, epsilon=1e-5)
+_bn = partial(FusedBatchNormalization, axis=-1, momentum=0.9, epsilon=1e-5)
 
 
 def conv_bn(x, filters, kernel_size, stride, name, opts, *, relu=True, zero_gamma=False):

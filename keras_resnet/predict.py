@@ -96,7 +96,7 @@ def main(argv=None):
             failed += 1
             continue
         print(path)
-        for score, label, name in zip(scores, labels, names):
+        for score, label, name in zip(scores, labels, names, strict=True):
             print(f"  {score:.4f}  {_text(label)}  {_text(name)}")
     if failed:
         sys.exit(1)

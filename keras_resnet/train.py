@@ -295,7 +295,8 @@ def train_and_evaluate(config):
                 raise UserError(
                     f"Training stopped: the loss became NaN/inf at epoch {e.epoch + 1}, step "
                     f"{e.step}. The last good checkpoint is kept in {ckpt.directory}; lower "
-                    f"--base_learning_rate or use --mixed_precision=float32 and run again.")
+                    f"--base_learning_rate or use --mixed_precision=float32 and run again."
+                ) from None
             logging.warning("Stopped by %s at epoch %d, step %d; checkpoint saved. Run the same "
                             "command again to resume.", e.reason, e.epoch + 1, e.step)
             return None

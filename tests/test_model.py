@@ -313,3 +313,23 @@ def test_state_dict_mismatches_fail_clearly_and_set_nothing():
 
     for old, new in zip(before, model.weights, strict=True):
         np.testing.assert_array_equal(old, keras.ops.convert_to_numpy(new))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batch_norm_matches_keras_batch_norm(training):
+    """The fused kernel computes what Keras's BatchNormalization computes, moving stats included."""
+    from keras_resnet.fused_batch_norm import FusedBatchNormalization
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, (4, 5, 6, 8)).astype("float32")
+    kwargs = dict(momentum=0.9, epsilon=1e-5)
+    fused, plain = FusedBatchNormalization(**kwargs), keras.layers.BatchNormalization(**kwargs)
+    fused.build(x.shape)
+    plain.build(x.shape)
+    gamma, beta, mean = (rng.uniform(-1, 2, 8).astype("float32") for _ in range(3))
+    fused.set_weights([gamma, beta, mean, rng.uniform(0.5, 2, 8).astype("float32")])
+    plain.set_weights(fused.get_weights())
+    np.testing.assert_allclose(fused(x, training=training), plain(x, training=training),
+                               rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -217,7 +217,7 @@ def test_two_workers_resume_from_the_chiefs_checkpoint(tmp_path):
         outs = run_workers([command, command],
                            [worker_env(ports, i, tmp_path / f"tmp{epochs}{i}") for i in range(2)],
                            timeout=240)
-        for rc, out, err in outs:
+        for rc, _out, err in outs:
             assert rc == 0, err[-3000:]
         return outs
 
