@@ -136,6 +136,14 @@ def _load_data(config):
     return source, len(source.class_ids)
 
 
+def _cache_for(cache, ctx, split="train"):
+    """--cache for one input pipeline: None, "memory", or a file path of its own per pipeline and
+    split (workers sharing a file system must not write one cache file)."""
+    if not cache or cache == "memory":
+        return cache or None
+    return f"{cache}.{split}.pipeline{ctx.input_pipeline_id}-of-{ctx.num_input_pipelines}"
+
+
 def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoch, skip_steps,
               num_epochs):
     """Distributed train dataset for epochs [start_epoch, start_epoch + num_epochs), and val."""
@@ -153,7 +161,7 @@ def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoc
             source.train, global_batch_size=config.batch_size, image_size=config.image_size,
             seed=config.seed, start_epoch=start_epoch, num_epochs=num_epochs,
             skip_steps=skip_steps, input_context=ctx, deterministic=config.deterministic,
-            cache=config.cache or None, data_service=config.tf_data_service or None,
+            cache=_cache_for(config.cache, ctx), data_service=config.tf_data_service or None,
             max_steps_per_epoch=steps_per_epoch)
 
     train = strategy.distribute_datasets_from_function(train_fn)
@@ -162,7 +170,7 @@ def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoc
         def val_fn(ctx):
             val = ds_lib.build_eval_dataset(
                 source.val, global_batch_size=config.batch_size, image_size=config.image_size,
-                input_context=ctx, cache=config.cache or None)
+                input_context=ctx, cache=_cache_for(config.cache, ctx, "val"))
             return val.take(config.validation_steps) if config.validation_steps else val
         val = strategy.distribute_datasets_from_function(val_fn)
     return train, val

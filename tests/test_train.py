@@ -131,3 +131,41 @@ def test_demo_learns_well_above_chance(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["val_top1"] >= 0.5, results
     assert results["global_step"] == 4 * results["steps_per_epoch"]
+
+
+def test_file_cache_is_per_split_and_input_pipeline(tmp_path):
+    from keras_resnet.train import train_and_evaluate
+
+    make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=3, val_per_class=2,
+                     image_size=40, broken=False)
+    cache = tmp_path / "cache" / "imagenet"
+    cache.parent.mkdir()
+    results = train_and_evaluate(tiny_config(tmp_path, data_dir=str(tmp_path / "imagenet"),
+                                             steps_per_epoch=1, validation_steps=0, export=False,
+                                             cache=str(cache)))
+    assert results["global_step"] == 1
+    written = {p.name.split(".")[0] + "." + ".".join(p.name.split(".")[1:3])
+               for p in cache.parent.iterdir()}
+    assert written == {"imagenet.train.pipeline0-of-1", "imagenet.val.pipeline0-of-1"}, written
+
+
+def test_time_based_checkpoints(monkeypatch):
+    """--checkpoint_every_secs saves when that much time has passed, even between step saves."""
+    from keras_resnet import checkpoint as ckpt_lib
+
+    saved, clock = [], [0.0]
+
+    class FakeCheckpoint:
+        def save(self, epoch, step):
+            saved.append((epoch, step))
+            return f"ckpt-{step}"
+
+    monkeypatch.setattr(ckpt_lib.time, "monotonic", lambda: clock[0])
+    callback = ckpt_lib.CheckpointCallback(
+        FakeCheckpoint(), steps_per_epoch=100, every_steps=0, every_secs=60.0, model_dir="/unused",
+        stop=ckpt_lib.StopRequest(), write=False)
+    callback.on_epoch_begin(0)
+    for batch in range(10):
+        clock[0] += 25.0  # each step takes 25 s: saves after steps 3, 6 and 9
+        callback.on_train_batch_end(batch, {"loss": 1.0})
+    assert saved == [(0, 3), (0, 6), (0, 9)]
