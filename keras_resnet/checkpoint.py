@@ -191,11 +191,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
             raise TrainingInterrupted("non-finite loss", self.epoch, step)
+        if step >= self.steps_per_epoch:
+            return  # the epoch end (validation, best model, save) covers the last step
         if self.stop.requested:
             self._save(self.epoch, step)
             raise TrainingInterrupted(self.stop.signal_name, self.epoch, step)
-        if step >= self.steps_per_epoch:
-            return  # the epoch-end save (after validation) covers the last step
         if (self.every_steps and step % self.every_steps == 0) or (
                 self.every_secs and time.monotonic() - self._last_save_time >= self.every_secs):
             self._save(self.epoch, step)
@@ -208,11 +208,14 @@ class CheckpointCallback(keras.callbacks.Callback):
             self.best = float(score)
             self._save_best(epoch, logs)
         self._save(epoch + 1, 0)
+        if self.stop.requested:  # a signal during the last step or the validation pass
+            raise TrainingInterrupted(self.stop.signal_name, epoch + 1, 0)
 
     def _save(self, epoch, step):
+        """Saves the position `step` steps into epoch `epoch` (0-based; step 0 = not started)."""
         path = self.ckpt.save(epoch, step)
         self._last_save_time = time.monotonic()
-        logging.info("Saved checkpoint %s (epoch %d, step %d).", path, epoch, step)
+        logging.info("Saved checkpoint %s (epoch %d, step %d done).", path, epoch + 1, step)
 
     def _save_best(self, epoch, logs):
         if not self.write:

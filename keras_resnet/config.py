@@ -9,7 +9,7 @@ label smoothing 0.1, weight decay 1e-4 on kernels only, zero-init of the last BN
 import dataclasses
 import os
 
-from keras_resnet.model import DEPTHS, VARIANTS
+from keras_resnet.constants import DEPTHS, VARIANTS
 
 DATASETS = ("imagenet", "demo", "synthetic")  # plus "tfds:NAME"
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")

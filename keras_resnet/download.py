@@ -87,7 +87,9 @@ def fetch(data_dir: str, *, archive: str | None = None, competition: str = COMPE
     report["archive"] = archive
     _atomic_write_json(os.path.join(data_dir, DONE_MARKER), report)
     os.remove(os.path.join(data_dir, EXTRACTING_MARKER))
-    if downloaded and not keep_archive:
+    if downloaded and not keep_archive and report.get("notes"):
+        log(f"Kept {archive}: the extracted tree differs from what was expected (see the notes).")
+    elif downloaded and not keep_archive:
         os.remove(archive)      # 167 GB back; only after a complete, verified extraction
         log(f"Deleted {archive} (pass --keep_archive to keep it).")
     return report
@@ -105,6 +107,10 @@ def run(data_dir, *, archive=None, competition=COMPETITION, keep_archive=False,
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions, a file where a folder belongs, I/O errors
+        print(f"error: {e.strerror or e}: {e.filename or data_dir}; fix it (free space, "
+              f"permissions) and run the same command again to resume", file=sys.stderr)
+        return 1
     print(format_report(report))
     return 0
 

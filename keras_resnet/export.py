@@ -30,6 +30,9 @@ import uuid
 import keras
 import tensorflow as tf
 
+# Registers the model's custom layer with Keras, so `.keras` checkpoints load without the model
+# module having been imported first.
+import keras_resnet.fused_batch_norm  # noqa: F401
 from pipelines import preprocessing
 
 TOP_K = 5
@@ -278,8 +281,8 @@ def main(argv=None):
         class_ids, class_names = load_classes_for(path, model.outputs[0].shape[-1], args.classes)
         version_dir = export_saved_model(model, args.export_dir, image_size=image_size,
                                          class_ids=class_ids, class_names=class_names)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, TypeError, OSError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0]}")
     print(version_dir)
 
 

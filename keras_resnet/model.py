@@ -15,6 +15,7 @@ from functools import partial
 import keras
 from keras import layers
 
+from keras_resnet.constants import DEPTHS, VARIANTS
 from keras_resnet.fused_batch_norm import FusedBatchNormalization
 
 # ImageNet RGB statistics on the [0, 1] scale (torchvision's `Normalize`); the optional first
@@ -22,7 +23,6 @@ from keras_resnet.fused_batch_norm import FusedBatchNormalization
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
 
-VARIANTS = ("v1.5", "v1")
 BOTTLENECK_EXPANSION = 4
 STEM_FILTERS = 64
 
@@ -103,7 +103,7 @@ STAGES = {
     101: (bottleneck_block, (3, 4, 23, 3)),
     152: (bottleneck_block, (3, 8, 36, 3)),
 }
-DEPTHS = tuple(STAGES)
+assert tuple(STAGES) == DEPTHS, "keep constants.DEPTHS in step with the stage table"
 
 
 def check_depth(depth):

@@ -79,8 +79,8 @@ def main(argv=None):
         sys.exit(f"error: model {args.model} not found.")
     try:
         predict = load_predictor(args.model, args.image_size)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, TypeError, OSError) as e:
+        sys.exit(f"error: {str(e).splitlines()[0]}")
 
     failed = 0
     for path in args.images:

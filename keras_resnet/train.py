@@ -221,16 +221,17 @@ def train_and_evaluate(config):
 
     writer = distribute.is_chief()
     model_dir = config.resolved_model_dir
-    if writer:
-        os.makedirs(model_dir, exist_ok=True)
-
     source, num_classes = _load_data(config)
     steps_per_epoch = _steps_per_epoch(config, source)
-    if writer and source is not None and source.skipped:
+    if writer:
+        os.makedirs(model_dir, exist_ok=True)
+    if writer and source is not None:
         from pipelines import sources
 
         report = sources.write_skipped_report(source, model_dir)
-        logging.warning("Skipped %d unreadable files (listed in %s).", len(source.skipped), report)
+        if source.skipped:
+            logging.warning("Skipped %d unreadable files (listed in %s).", len(source.skipped),
+                            report)
 
     identity = {"depth": config.depth, "variant": config.variant, "conv_bias": config.conv_bias,
                 "num_classes": num_classes}
@@ -248,13 +249,6 @@ def train_and_evaluate(config):
             raise UserError(str(e)) from None
     if writer:
         ckpt_lib.write_json_atomic(os.path.join(model_dir, "config.json"), config.to_dict())
-    if start_epoch or start_step:
-        logging.info("Resumed from %s: epoch %d, step %d of %d (global step %d).",
-                     tf.train.latest_checkpoint(ckpt.restore_directory), start_epoch + 1,
-                     start_step, steps_per_epoch,
-                     int(optimizer.iterations.numpy()))
-        print(f"Resuming at epoch {start_epoch + 1}/{config.epochs}, step "
-              f"{start_step}/{steps_per_epoch}.", flush=True)
     if start_step >= steps_per_epoch:  # a checkpoint of a longer epoch setting; start next epoch
         start_epoch, start_step = start_epoch + 1, 0
     previous = ckpt_lib.read_json(os.path.join(model_dir, RESULTS_JSON))
@@ -262,6 +256,12 @@ def train_and_evaluate(config):
         print(f"{model_dir} already holds a finished run of {config.epochs} epochs: "
               f"{json.dumps(previous)}\nRaise --epochs to train further.", flush=True)
         return previous
+    if start_epoch or start_step:
+        logging.info("Resumed from %s (global step %d).",
+                     tf.train.latest_checkpoint(ckpt.restore_directory),
+                     int(optimizer.iterations.numpy()))
+        print(f"Resuming at epoch {start_epoch + 1}/{config.epochs}, step "
+              f"{start_step}/{steps_per_epoch}.", flush=True)
 
     throughput = ThroughputLogger(config.batch_size)
     with ckpt_lib.StopRequest() as stop:
@@ -308,6 +308,11 @@ def train_and_evaluate(config):
             logging.warning("Stopped by %s at epoch %d, step %d; checkpoint saved. Run the same "
                             "command again to resume.", e.reason, e.epoch + 1, e.step)
             return None
+        except tf.errors.UnavailableError as e:  # multi-worker: a peer died or was preempted
+            raise UserError(
+                f"a peer worker stopped or became unreachable ({str(e).splitlines()[0][:200]}); "
+                f"run the same command on every worker to resume from the last checkpoint in "
+                f"{ckpt.restore_directory}.") from None
 
     return _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch, optimizer,
                    throughput)

@@ -9,6 +9,7 @@ drawn from (seed, e, p). Skipping (resume) and sharding (multi-worker) therefore
 positions before any file is read, and a resumed run sees the same pixels as an uninterrupted one.
 """
 
+import functools
 import math
 import os
 
@@ -103,16 +104,16 @@ def _record_positions(records, examples_per_epoch, seed, start_epoch, num_epochs
                       pipeline_id, num_pipelines):
     """Dataset of (epoch, position, image_bytes, label) for splits without files (TFDS)."""
 
-    def epoch_records(epoch):
-        order_seed = tf.random.experimental.stateless_fold_in(
-            tf.constant([seed, _ORDER_SALT], tf.int64), epoch)
-        ds = records().shuffle(RECORDS_SHUFFLE_BUFFER, seed=order_seed[1])
+    def epoch_records(epoch):  # a Python int: the shuffle seed must be a Python value
+        order_seed = int(np.random.SeedSequence([seed, _ORDER_SALT, epoch]).generate_state(1)[0])
+        ds = records().shuffle(RECORDS_SHUFFLE_BUFFER, seed=order_seed)
         ds = ds.take(examples_per_epoch).enumerate()
-        first = tf.where(tf.equal(epoch, start_epoch), tf.constant(skip, tf.int64), 0)
+        first = skip if epoch == start_epoch else 0
         ds = ds.filter(lambda pos, _: (pos >= first) & tf.equal(pos % num_pipelines, pipeline_id))
-        return ds.map(lambda pos, record: (epoch, pos) + tuple(record))
+        return ds.map(lambda pos, record: (tf.constant(epoch, tf.int64), pos) + tuple(record))
 
-    return tf.data.Dataset.range(start_epoch, start_epoch + num_epochs).flat_map(epoch_records)
+    epochs = [epoch_records(e) for e in range(start_epoch, start_epoch + num_epochs)]
+    return functools.reduce(lambda a, b: a.concatenate(b), epochs)
 
 
 def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed: int,

@@ -15,10 +15,11 @@ CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 CROP_ATTEMPTS = 10  # tries before falling back to a center crop, as torchvision
 EVAL_RESIZE_RATIO = 256 / 224  # Resize(256) before CenterCrop(224), scaled to any image_size
-# ImageNet mean RGB in [0, 255]: the stand-in image for an undecodable file normalises to ~0.
-FALLBACK_RGB = (124, 116, 104)
-# A truncated JPEG is decoded (missing rows grey) if at least this fraction of its rows survive;
-# otherwise decoding fails and the dataset substitutes a FALLBACK_RGB image (see dataset.py).
+# Passed as `acceptable_fraction` with try_recover_truncated=True: a truncated JPEG that reaches
+# the decoder decodes with its missing rows grey instead of stopping training (TF 2.21 does not
+# always enforce the fraction). Index-time screening (pipelines.sources) already leaves out JPEGs
+# without an end-of-image marker; files that fail to decode anyway are dropped by the dataset and
+# replaced by spare examples, so step counts stay exact.
 TRUNCATED_MIN_FRACTION = 0.75
 RESIZE_METHOD = "bilinear"
 # Antialiased resizing (what PIL does) doubled the CPU time per training image (2.3 vs 1.1 ms on

@@ -32,7 +32,7 @@ VAL_SOLUTION = "LOC_val_solution.csv"
 KAGGLE_IMAGE_ROOT = os.path.join("ILSVRC", "Data", "CLS-LOC")
 INDEX_FILE = ".keras_resnet_index.npz"
 EXTRACTING_MARKER = ".keras_resnet_extracting"   # keras_resnet.download: extraction unfinished
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: screening searches a 4 KiB tail
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
     "keras_resnet",
@@ -42,7 +42,7 @@ SKIPPED_REPORT = "skipped_files.tsv"
 SYNTHETIC_NUM_CLASSES = 1000
 SCREEN_THREADS = 32          # screening is I/O bound (two small reads a file): threads overlap waits
 SCREEN_BATCH = 2048          # files per thread-pool task, to keep per-future overhead small
-TAIL_BYTES = 64              # JPEGs may carry a few padding bytes after the EOI marker
+TAIL_BYTES = 4096  # JPEGs may carry padding or trailers after the end-of-image marker
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG"

@@ -222,3 +222,18 @@ def test_load_source_demo_makes_it_on_first_use(tmp_path):
     assert src.name == "demo" and src.num_classes == 10
     assert src.train.num_examples >= 1000 and src.val.num_examples >= 200 and not src.skipped
     assert np.bincount(src.val.labels).min() > 0
+
+
+def test_jpeg_with_trailing_bytes_after_the_end_marker_is_kept(tmp_path):
+    """Some JPEGs carry padding after the EOI marker; they decode fine and must not be dropped."""
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="JPEG")
+    padded = tmp_path / "padded.JPEG"
+    padded.write_bytes(buf.getvalue() + b"\x00" * 1000)
+    assert sources.screen_file(str(padded)) == ""
+    cut = tmp_path / "cut.JPEG"
+    cut.write_bytes(buf.getvalue()[:-40])
+    assert "truncated" in sources.screen_file(str(cut))
