@@ -13,9 +13,11 @@ import logging as py_logging
 import os
 import sys
 
-from absl import app, flags, logging
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ INFO lines
 
-from keras_resnet.config import Config
+from absl import app, flags  # noqa: E402
+
+from keras_resnet.config import Config  # noqa: E402  (no TensorFlow import)
 
 HELP = {
     "depth": "ResNet depth: 18, 34, 50, 101 or 152.",
@@ -94,13 +96,12 @@ def config_from_flags():
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}. Flags look like --depth=50.")
+        return _fail(f"unexpected arguments: {' '.join(argv[1:])}; flags look like --depth=50.")
     try:
         config = config_from_flags().validate()
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        return _fail(e)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ INFO lines
     from keras_resnet import train  # heavy import (TensorFlow) after flags are checked
 
     quiet = _QuietLibraries()
@@ -113,10 +114,14 @@ def main(argv):
     try:
         train.train_and_evaluate(config)
     except train.UserError as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     return 0
+
+
+def _fail(error):
+    """One line on stderr, exit status 2: what was wrong and what to do."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
 
 
 def run():

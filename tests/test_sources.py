@@ -226,8 +226,9 @@ def test_load_source_demo_makes_it_on_first_use(tmp_path):
 
 def test_jpeg_with_trailing_bytes_after_the_end_marker_is_kept(tmp_path):
     """Some JPEGs carry padding after the EOI marker; they decode fine and must not be dropped."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="JPEG")
