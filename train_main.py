@@ -28,7 +28,8 @@ HELP = {
     "dataset": "imagenet (Kaggle or ImageFolder layout at --data_dir), demo, synthetic, tfds:NAME.",
     "data_dir": "Where the dataset lies (for demo: where it is generated on first use).",
     "image_size": "Training crop / evaluation size in pixels.",
-    "cache": "Cache decoded eval images and the encoded train files: '' (off), 'memory', or a path.",
+    "cache": "'' (off), 'memory' or a file path prefix: caches the preprocessed validation "
+             "images and holds the encoded training files in memory (up to 1 GiB: small datasets).",
     "tf_data_service": "grpc://HOST:PORT of a tf.data service dispatcher to run the input pipeline.",
     "batch_size": "Global batch size, split evenly across replicas.",
     "epochs": "Number of epochs.",

@@ -116,7 +116,18 @@ def main(argv=None) -> float:
 
     if args.fake_images and not (os.path.isdir(args.data_dir) and os.listdir(args.data_dir)):
         write_fake_images(args.data_dir, args.fake_images)
-    split = image_folder(args.data_dir)
+    if not os.path.isdir(args.data_dir):
+        parser.error(f"--data_dir={args.data_dir!r} is not a directory; pass --fake_images=2000 "
+                     "to generate ImageNet-sized JPEGs there")
+    if os.path.isdir(os.path.join(args.data_dir, "train")):  # an ImageFolder root: use train/
+        args.data_dir = os.path.join(args.data_dir, "train")
+    try:
+        split = image_folder(args.data_dir)
+    except ValueError as e:
+        parser.error(str(e))
+    if split.num_examples < args.batch_size:
+        parser.error(f"{split.num_examples} images do not fill one batch of "
+                     f"--batch_size={args.batch_size}; use more images or a smaller batch")
     print(f"{split.num_examples} images, batch {args.batch_size}, size {args.image_size}, "
           f"{os.cpu_count()} CPUs", flush=True)
 
