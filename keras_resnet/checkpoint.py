@@ -167,8 +167,11 @@ class CheckpointCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, ckpt, steps_per_epoch, every_steps, every_secs, model_dir, stop,
-                 write=True, monitor="val_top1"):
+                 write=True, monitor="val_top1", agree=None):
+        """`agree(flag) -> bool`: True if any worker's flag is set (a collective; multi-worker
+        runs pass one so that all workers stop, and save, at the same step)."""
         super().__init__()
+        self.agree = agree
         self.ckpt = ckpt
         self.steps_per_epoch = steps_per_epoch
         self.every_steps = every_steps
@@ -193,9 +196,9 @@ class CheckpointCallback(keras.callbacks.Callback):
             raise TrainingInterrupted("non-finite loss", self.epoch, step)
         if step >= self.steps_per_epoch:
             return  # the epoch end (validation, best model, save) covers the last step
-        if self.stop.requested:
+        if self._stop_requested():
             self._save(self.epoch, step)
-            raise TrainingInterrupted(self.stop.signal_name, self.epoch, step)
+            raise TrainingInterrupted(self.stop.signal_name or "a peer's stop", self.epoch, step)
         if (self.every_steps and step % self.every_steps == 0) or (
                 self.every_secs and time.monotonic() - self._last_save_time >= self.every_secs):
             self._save(self.epoch, step)
@@ -208,8 +211,11 @@ class CheckpointCallback(keras.callbacks.Callback):
             self.best = float(score)
             self._save_best(epoch, logs)
         self._save(epoch + 1, 0)
-        if self.stop.requested:  # a signal during the last step or the validation pass
-            raise TrainingInterrupted(self.stop.signal_name, epoch + 1, 0)
+        if self._stop_requested():  # a signal during the last step or the validation pass
+            raise TrainingInterrupted(self.stop.signal_name or "a peer's stop", epoch + 1, 0)
+
+    def _stop_requested(self):
+        return self.agree(self.stop.requested) if self.agree else self.stop.requested
 
     def _save(self, epoch, step):
         """Saves the position `step` steps into epoch `epoch` (0-based; step 0 = not started)."""

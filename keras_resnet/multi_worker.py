@@ -251,3 +251,22 @@ class SyncWorkers(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         logging.info("Task %s weights fingerprint: %s", cluster_tasks()[1],
                      weights_fingerprint(self.model))
+
+
+def any_worker(strategy):
+    """Returns `agree(flag) -> bool`: True if the flag is set on any worker.
+
+    A preemption signal reaches workers at different steps; if one worker left `fit` alone, the
+    others would hang or fail in the next collective. Checking this after every step (one scalar
+    all-reduce, small next to a training step) makes all workers stop, and save, at the same step.
+    """
+
+    @tf.function
+    def reduce(flag):
+        per_replica = strategy.run(lambda: tf.identity(flag))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def agree(flag):
+        return bool(reduce(tf.constant(1.0 if flag else 0.0)) > 0)
+
+    return agree

@@ -264,14 +264,16 @@ def train_and_evaluate(config):
               f"{start_step}/{steps_per_epoch}.", flush=True)
 
     throughput = ThroughputLogger(config.batch_size)
+    multi = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if multi:
+        from keras_resnet import multi_worker
     with ckpt_lib.StopRequest() as stop:
         checkpoint_cb = ckpt_lib.CheckpointCallback(
             ckpt, steps_per_epoch, config.checkpoint_every_steps, config.checkpoint_every_secs,
-            model_dir, stop, write=writer)
+            model_dir, stop, write=writer,
+            agree=multi_worker.any_worker(strategy) if multi else None)
         callbacks = _callbacks(config, model_dir, writer, checkpoint_cb, throughput)
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            from keras_resnet import multi_worker  # first: later callbacks see averaged BN stats
-
+        if multi:  # first: later callbacks see averaged BN stats
             callbacks.insert(0, multi_worker.SyncWorkers())
         # Two fit calls at most: the rest of an interrupted epoch, then the remaining epochs.
         segments = []

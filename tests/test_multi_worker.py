@@ -228,3 +228,57 @@ def test_two_workers_resume_from_the_chiefs_checkpoint(tmp_path):
     assert len(prints[0]) == 1 and prints[0] == prints[1], prints
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["global_step"] == 4
+
+
+def test_sigterm_to_one_worker_stops_all_at_the_same_step_then_resumes(tmp_path):
+    """Preemption reaches workers one at a time: a SIGTERM to the non-chief alone must make both
+    workers save and exit cleanly at the same step; rerunning both finishes the run exactly."""
+    import signal
+
+    import tensorflow as tf
+
+    data_dir = tmp_path / "imagenet"
+    make_kaggle_tree(data_dir, num_classes=3, train_per_class=12, val_per_class=2, image_size=40)
+    from pipelines import sources
+
+    sources.load_source("imagenet", str(data_dir))
+    run_dir = tmp_path / "run"
+
+    def command():
+        return [sys.executable, "train_main.py", "--dataset=imagenet", f"--data_dir={data_dir}",
+                "--depth=18", "--image_size=32", "--batch_size=4", "--epochs=2",
+                "--steps_per_epoch=8", "--validation_steps=1", "--mixed_precision=float32",
+                "--verbose=2", "--export=false", "--checkpoint_every_steps=2",
+                f"--model_dir={run_dir}"]
+
+    ports = free_ports(2)
+    envs = [worker_env(ports, i, tmp_path / f"tmp{i}") for i in range(2)]
+    procs = [subprocess.Popen(command(), env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for env in envs]
+    try:
+        deadline = time.monotonic() + 240
+        while not (tf.train.latest_checkpoint(str(run_dir / "checkpoints")) or "").endswith("-2"):
+            assert all(p.poll() is None for p in procs), "a worker ended early"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "Stopped by a peer's stop" in outs[0][1] and "Stopped by SIGTERM" in outs[1][1]
+    stopped_at = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    assert int(stopped_at.rsplit("-", 1)[1]) < 16
+
+    ports = free_ports(2)
+    results = run_workers([command(), command()],
+                          [worker_env(ports, i, tmp_path / f"again{i}") for i in range(2)],
+                          timeout=240)
+    for rc, out, err in results:
+        assert rc == 0, err[-3000:]
+        assert "Resuming at epoch" in out
+    prints = [FINGERPRINT.findall(err) for _, _, err in results]  # one per fit call
+    assert prints[0] and prints[0] == prints[1], prints
+    assert json.loads((run_dir / "results.json").read_text())["global_step"] == 16
