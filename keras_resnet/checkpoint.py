@@ -29,6 +29,7 @@ from absl import logging
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_MODEL = "best.keras"
+FINAL_MODEL = "latest.keras"  # the weights at the end of training
 BEST_JSON = "best.json"
 RUN_JSON = "run.json"
 # Fields of run.json that must match for a checkpoint to be restorable into the new model.
@@ -45,6 +46,16 @@ def write_json_atomic(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_keras_atomic(model, path):
+    """`model.save(path)` (a .keras file) via a temporary name in the same directory + rename:
+    Keras writes the target in place, so a kill mid-save would leave a truncated file."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
+    model.save(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def read_json(path, default=None):
@@ -226,10 +237,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     def _save_best(self, epoch, logs):
         if not self.write:
             return
-        target = os.path.join(self.model_dir, BEST_MODEL)
-        tmp = os.path.join(self.model_dir, f".tmp-{os.getpid()}-{BEST_MODEL}")
-        self.model.save(tmp)
-        os.replace(tmp, target)
+        target = save_keras_atomic(self.model, os.path.join(self.model_dir, BEST_MODEL))
         record = {k: float(v) for k, v in logs.items() if np.isscalar(v)}
         record.update(epoch=epoch + 1, path=target)
         write_json_atomic(os.path.join(self.model_dir, BEST_JSON), record)

@@ -334,13 +334,15 @@ def _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch,
     metrics, best_path = _best_metrics(model_dir)
     if not writer:
         return None
+    from keras_resnet import export
+
     class_ids = source.class_ids if source else [str(i) for i in range(SYNTHETIC_CLASSES)]
     class_names = source.class_names if source else class_ids
+    # Beside best.keras / latest.keras, so predict and export can use them later.
+    export.write_classes_json(os.path.join(model_dir, "classes.json"), class_ids, class_names)
+    ckpt_lib.save_keras_atomic(model, os.path.join(model_dir, ckpt_lib.FINAL_MODEL))
     export_path = None
     if config.export:
-        from keras_resnet import export
-
-        export.write_classes_json(os.path.join(model_dir, "classes.json"), class_ids, class_names)
         serving_model = keras.saving.load_model(best_path, compile=False) if best_path else model
         logging.info("Exporting the %s model as a SavedModel under %s ...",
                      "best" if best_path else "final", config.resolved_export_dir)

@@ -50,6 +50,7 @@ def test_train_and_evaluate_one_real_step(tmp_path):
     assert (run / "curves.png").stat().st_size > 1000
     assert (run / "history.csv").read_text().count("\n") == 2  # header + one epoch
     assert (run / "best.keras").exists() and (run / "config.json").exists()
+    assert (run / "latest.keras").exists() and (run / "classes.json").exists()
     # The export is a versioned SavedModel.
     assert os.path.isfile(os.path.join(on_disk["export_dir"], "saved_model.pb"))
     # The training directory serves predict and on-demand export in fresh processes (which must
