@@ -14,7 +14,6 @@ epoch counter, and its weight files are written in place (see shared PITFALLS). 
 """
 
 import atexit
-import json
 import math
 import os
 import shutil
@@ -27,6 +26,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_resnet.files import read_json, write_json_atomic
+
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_MODEL = "best.keras"
 FINAL_MODEL = "latest.keras"  # the weights at the end of training
@@ -34,18 +35,6 @@ BEST_JSON = "best.json"
 RUN_JSON = "run.json"
 # Fields of run.json that must match for a checkpoint to be restorable into the new model.
 IDENTITY_FIELDS = ("depth", "variant", "conv_bias", "num_classes")
-
-
-def write_json_atomic(path, data):
-    """Writes JSON to a temp file in the same directory and renames it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_keras_atomic(model, path):
@@ -56,14 +45,6 @@ def save_keras_atomic(model, path):
     model.save(tmp)
     os.replace(tmp, path)
     return path
-
-
-def read_json(path, default=None):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return default
 
 
 class CheckpointMismatchError(ValueError):

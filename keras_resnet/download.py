@@ -21,11 +21,11 @@ import shutil
 import stat
 import sys
 import tarfile
-import tempfile
 import zipfile
 
 from absl import app, flags
 
+from keras_resnet.files import write_json_atomic
 from pipelines.sources import EXTRACTING_MARKER, KAGGLE_IMAGE_ROOT, SYNSET_MAPPING, VAL_SOLUTION
 
 COMPETITION = "imagenet-object-localization-challenge"
@@ -85,7 +85,7 @@ def fetch(data_dir: str, *, archive: str | None = None, competition: str = COMPE
     extract_archive(archive, data_dir, log=log)
     report = verify(data_dir, competition)
     report["archive"] = archive
-    _atomic_write_json(os.path.join(data_dir, DONE_MARKER), report)
+    write_json_atomic(os.path.join(data_dir, DONE_MARKER), report)
     os.remove(os.path.join(data_dir, EXTRACTING_MARKER))
     if downloaded and not keep_archive and report.get("notes"):
         log(f"Kept {archive}: the extracted tree differs from what was expected (see the notes).")
@@ -438,13 +438,6 @@ def _read_json(path):
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def _atomic_write_json(path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _touch(path) -> None:

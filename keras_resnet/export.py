@@ -33,6 +33,7 @@ import tensorflow as tf
 # Registers the model's custom layer with Keras, so `.keras` checkpoints load without the model
 # module having been imported first.
 import keras_resnet.fused_batch_norm  # noqa: F401
+from keras_resnet.files import write_json_atomic
 from pipelines import preprocessing
 
 TOP_K = 5
@@ -49,11 +50,7 @@ CLASSES_JSON = "classes.json"
 def write_classes_json(path, class_ids, class_names=None):
     """Writes `{"class_ids": [...], "class_names": [...]}` (names default to the ids)."""
     class_ids, class_names = _check_classes(class_ids, class_names)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"class_ids": class_ids, "class_names": class_names}, f, ensure_ascii=False,
-                  indent=1)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    write_json_atomic(path, {"class_ids": class_ids, "class_names": class_names})
 
 
 def read_classes_json(path):

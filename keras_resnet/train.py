@@ -70,7 +70,7 @@ def _schedule(config, steps_per_epoch):
     )
 
 
-def _compile(model, config, num_classes, steps_per_epoch, strategy):
+def _compile(model, config, num_classes, steps_per_epoch):
     optimizer = keras.optimizers.SGD(learning_rate=_schedule(config, steps_per_epoch),
                                      momentum=config.momentum, nesterov=config.nesterov)
     jit = {"auto": "auto", "true": True, "false": False}[config.jit_compile]
@@ -187,7 +187,7 @@ def _steps_per_epoch(config, source):
     return min(steps, config.steps_per_epoch) if config.steps_per_epoch else steps
 
 
-def _callbacks(config, model_dir, writer, checkpoint_cb, throughput):
+def _callbacks(model_dir, writer, checkpoint_cb, throughput):
     callbacks = [keras.callbacks.TerminateOnNaN(), throughput, checkpoint_cb]
     if writer:
         callbacks += [
@@ -237,7 +237,7 @@ def train_and_evaluate(config):
                 "num_classes": num_classes}
     with strategy.scope():
         model = make_model(config, num_classes)
-        optimizer = _compile(model, config, num_classes, steps_per_epoch, strategy)
+        optimizer = _compile(model, config, num_classes, steps_per_epoch)
         ckpt = ckpt_lib.TrainingCheckpoint(model, optimizer,
                                            os.path.join(model_dir, ckpt_lib.CHECKPOINT_SUBDIR),
                                            keep=config.keep_checkpoints, write=writer)
@@ -272,7 +272,7 @@ def train_and_evaluate(config):
             ckpt, steps_per_epoch, config.checkpoint_every_steps, config.checkpoint_every_secs,
             model_dir, stop, write=writer,
             agree=multi_worker.any_worker(strategy) if multi else None)
-        callbacks = _callbacks(config, model_dir, writer, checkpoint_cb, throughput)
+        callbacks = _callbacks(model_dir, writer, checkpoint_cb, throughput)
         if multi:  # first: later callbacks see averaged BN stats
             callbacks.insert(0, multi_worker.SyncWorkers())
         # Two fit calls at most: the rest of an interrupted epoch, then the remaining epochs.
