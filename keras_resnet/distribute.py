@@ -95,3 +95,27 @@ def choose_precision(requested, strategy):
         policy, why = "float32", "no accelerator with fast 16-bit math"
     logging.info("Precision policy: %s (%s).", policy, why)
     return policy
+
+
+def choose_jit_compile(requested, strategy, deterministic=False):
+    """Resolves --jit_compile=auto for `strategy` (XLA on one GPU only) and logs why.
+
+    Keras's own "auto" turns XLA off under any tf.distribute strategy, including the
+    OneDeviceStrategy every run here uses, so a single GPU would lose XLA's fusion of the
+    elementwise ops (BatchNorm, ReLU, casts, the residual add) around each convolution.
+    """
+    if requested != "auto":
+        jit, why = requested == "true", "requested"
+    elif deterministic:
+        jit, why = False, "--deterministic (XLA kernels are not all deterministic)"
+    elif isinstance(strategy, tf.distribute.TPUStrategy):
+        jit, why = False, "TPUStrategy compiles the whole step with XLA itself"
+    elif not tf.config.list_logical_devices("GPU"):
+        jit, why = False, "CPU (TensorFlow's oneDNN kernels ran faster than XLA's)"
+    elif strategy.num_replicas_in_sync > 1:
+        jit, why = False, ("several replicas (Keras's XLA train step with loss scaling has "
+                           "crashed under MirroredStrategy: keras-team/keras#21366)")
+    else:
+        jit, why = True, "one GPU"
+    logging.info("XLA (jit_compile): %s (%s).", "on" if jit else "off", why)
+    return jit

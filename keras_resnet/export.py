@@ -132,6 +132,24 @@ def _check_model(model, image_size):
                          f"{height}x{width}; pass image_size={height}.")
 
 
+def _starts_with(data, prefix):
+    return tf.equal(tf.strings.substr(data, 0, len(prefix)), prefix)
+
+
+def _has_end_marker(data):
+    """False for a JPEG without an end-of-image marker or a PNG without its IEND chunk.
+
+    Searches the whole string (not just its tail): valid files may carry trailing data (a motion
+    photo's video, for one) after the marker.
+    """
+    def contains(marker):
+        return tf.size(tf.strings.split(data, sep=marker)) > 1
+
+    return tf.case([(_starts_with(data, _MAGIC[0]), lambda: contains(b"\xff\xd9")),
+                    (_starts_with(data, _MAGIC[1]), lambda: contains(b"IEND"))],
+                   default=lambda: tf.constant(True))
+
+
 def _build_archive(model, image_size, class_ids, class_names):
     image_spec = tf.TensorSpec([image_size, image_size, 3], tf.uint8)
     probabilities = probabilities_fn(model)
@@ -140,22 +158,36 @@ def _build_archive(model, image_size, class_ids, class_names):
     k = min(TOP_K, len(class_ids))
 
     def outputs(images):
-        probs = probabilities(images)
-        scores, classes = tf.math.top_k(probs, k=k)
-        return {"probabilities": probs, "classes": tf.cast(classes, tf.int64), "scores": scores,
-                "labels": tf.gather(ids, classes), "names": tf.gather(names, classes)}
+        def predict():
+            probs = probabilities(images)
+            scores, classes = tf.math.top_k(probs, k=k)
+            return {"probabilities": probs, "classes": tf.cast(classes, tf.int64),
+                    "scores": scores, "labels": tf.gather(ids, classes),
+                    "names": tf.gather(names, classes)}
+
+        def empty():  # oneDNN's convolution rejects a batch of zero images
+            return {"probabilities": tf.zeros([0, len(class_ids)]),
+                    "classes": tf.zeros([0, k], tf.int64), "scores": tf.zeros([0, k]),
+                    "labels": tf.zeros([0, k], tf.string), "names": tf.zeros([0, k], tf.string)}
+
+        return tf.cond(tf.shape(images)[0] > 0, predict, empty)
 
     def preprocess_bytes(args):
         data, index = args
-        is_image = tf.reduce_any([tf.equal(tf.strings.substr(data, 0, len(m)), m)
-                                  for m in _MAGIC])
-        # A clear InvalidArgumentError naming the bad element, instead of a decoder message
-        # that does not say which image of the batch it came from.
-        check = tf.debugging.Assert(is_image, [tf.strings.format(
+        # Clear InvalidArgumentErrors naming the bad element, instead of a decoder message that
+        # does not say which image of the batch it came from.
+        is_image = tf.reduce_any([_starts_with(data, m) for m in _MAGIC])
+        check_format = tf.debugging.Assert(is_image, [tf.strings.format(
             "image_bytes[{}] is not a JPEG, PNG, GIF or BMP image ({} bytes)",
             (index, tf.strings.length(data)))])
-        with tf.control_dependencies([check]):
-            return preprocessing.preprocess_for_eval(tf.identity(data), image_size)
+        check_end = tf.debugging.Assert(_has_end_marker(data), [tf.strings.format(
+            "image_bytes[{}] is a truncated image ({} bytes, no end marker); send the whole file",
+            (index, tf.strings.length(data)))])
+        with tf.control_dependencies([check_format, check_end]):
+            # Strict: a truncated JPEG that still holds an end marker (an embedded thumbnail's)
+            # fails in the decoder instead of being scored with its missing rows grey.
+            return preprocessing.preprocess_for_eval(tf.identity(data), image_size,
+                                                     recover_truncated=False)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serving_default(image_bytes):

@@ -73,7 +73,8 @@ def _schedule(config, steps_per_epoch):
 def _compile(model, config, num_classes, steps_per_epoch):
     optimizer = keras.optimizers.SGD(learning_rate=_schedule(config, steps_per_epoch),
                                      momentum=config.momentum, nesterov=config.nesterov)
-    jit = {"auto": "auto", "true": True, "false": False}[config.jit_compile]
+    jit = distribute.choose_jit_compile(config.jit_compile, tf.distribute.get_strategy(),
+                                       config.deterministic)
     model.compile(
         optimizer=optimizer,
         loss=SparseCrossentropy(num_classes, label_smoothing=config.label_smoothing),

@@ -35,14 +35,18 @@ def is_jpeg(image_bytes) -> tf.Tensor:
     return tf.equal(tf.strings.substr(image_bytes, 0, 3), _JPEG_MAGIC)
 
 
-def decode_image(image_bytes) -> tf.Tensor:
-    """Decodes JPEG (RGB, grayscale or CMYK), PNG, GIF or BMP by content to uint8 RGB [H, W, 3]."""
+def decode_image(image_bytes, recover_truncated: bool = True) -> tf.Tensor:
+    """Decodes JPEG (RGB, grayscale or CMYK), PNG, GIF or BMP by content to uint8 RGB [H, W, 3].
+
+    `recover_truncated=False` fails on a truncated JPEG instead of greying its missing rows (the
+    serving signature does this: a client should hear that its image is broken).
+    """
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+    recover = dict(try_recover_truncated=True, acceptable_fraction=TRUNCATED_MIN_FRACTION)
     image = tf.cond(
         is_jpeg(image_bytes),
-        lambda: tf.io.decode_jpeg(
-            image_bytes, channels=3, try_recover_truncated=True,
-            acceptable_fraction=TRUNCATED_MIN_FRACTION),
+        lambda: tf.io.decode_jpeg(image_bytes, channels=3,
+                                  **(recover if recover_truncated else {})),
         lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
     )
     image.set_shape([None, None, 3])
@@ -134,9 +138,9 @@ def eval_resize_size(image_size: int) -> int:
     return int(round(image_size * EVAL_RESIZE_RATIO))
 
 
-def preprocess_for_eval(image_bytes, image_size: int) -> tf.Tensor:
+def preprocess_for_eval(image_bytes, image_size: int, recover_truncated: bool = True) -> tf.Tensor:
     """Decode, resize the shorter side to image_size * 256/224, center crop -> uint8 [S, S, 3]."""
-    return center_crop_for_eval(decode_image(image_bytes), image_size)
+    return center_crop_for_eval(decode_image(image_bytes, recover_truncated), image_size)
 
 
 def center_crop_for_eval(image, image_size: int) -> tf.Tensor:

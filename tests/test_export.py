@@ -133,14 +133,22 @@ SERVING_CHECK = textwrap.dedent("""
         pixels = tf.io.decode_image(encoded, channels=3)[None]
         check(loaded.signatures["serve_images"](images=pixels), want)
 
-    for bad, name in ((b"not an image", "garbage"), (png[:60], "truncated PNG")):
+    for bad, name, says in ((b"not an image", "garbage", "image_bytes[1] is not a JPEG, PNG"),
+                            (png[:60], "truncated PNG", "image_bytes[1] is a truncated image"),
+                            (jpeg[:len(jpeg) // 2], "truncated JPEG",
+                             "image_bytes[1] is a truncated image")):
         try:
             serve(image_bytes=tf.constant([jpeg, bad]))
             sys.exit(f"a batch with a {name} did not raise")
         except tf.errors.InvalidArgumentError as e:
-            print(f"{name}: {e.message.strip().splitlines()[-2]}")
-            if name == "garbage":
-                assert "image_bytes[1] is not a JPEG, PNG" in e.message, e.message
+            assert says in e.message, e.message
+    # Bytes after the end marker (a motion photo's video, say) do not change the prediction.
+    check(serve(image_bytes=tf.constant([jpeg + bytes(5000), png])), expected)
+    # An empty batch gets empty outputs of the right shapes and types.
+    for out in (serve(image_bytes=tf.constant([], tf.string)),
+                loaded.signatures["serve_images"](images=tf.zeros([0, 9, 9, 3], tf.uint8))):
+        assert out["probabilities"].shape == (0, 7) and out["names"].shape == (0, 5), out
+        assert out["classes"].dtype == tf.int64 and out["labels"].dtype == tf.string
     check(serve(image_bytes=tf.constant([jpeg, png])), expected)  # the server still works
     print("SERVING OK")
 """).replace("__ATOL__", repr(PROB_ATOL))

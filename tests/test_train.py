@@ -221,3 +221,58 @@ def test_signal_during_last_step_still_validates_and_saves_the_epoch_end():
     with pytest.raises(ckpt_lib.TrainingInterrupted):
         callback.on_epoch_end(1, {"val_top1": 0.5})
     assert saved == [(2, 0)]
+
+
+class _FakeStrategy:
+    def __init__(self, replicas):
+        self.num_replicas_in_sync = replicas
+
+
+def test_xla_auto_is_on_for_exactly_one_gpu(monkeypatch):
+    import tensorflow as tf
+
+    from keras_resnet import distribute
+
+    one = _FakeStrategy(1)
+    # This machine has no GPU: auto leaves XLA off; explicit settings win.
+    assert distribute.choose_jit_compile("auto", one) is False
+    assert distribute.choose_jit_compile("true", one) is True
+    assert distribute.choose_jit_compile("false", one) is False
+    gpu = tf.config.LogicalDevice("/device:GPU:0", "GPU")
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: [gpu] if kind == "GPU" else [])
+    assert distribute.choose_jit_compile("auto", one) is True
+    assert distribute.choose_jit_compile("auto", _FakeStrategy(2)) is False
+    assert distribute.choose_jit_compile("false", one) is False
+    assert distribute.choose_jit_compile("auto", one, deterministic=True) is False
+
+
+def test_xla_train_step_with_float16_loss_scaling():
+    """The single-GPU default (XLA + mixed_float16 + loss scaling + fused BatchNorm), on the CPU."""
+    import keras
+    import tensorflow as tf
+
+    from keras_resnet import train
+
+    config = Config(dataset="synthetic", depth=18, image_size=32, batch_size=4,
+                    mixed_precision="mixed_float16", jit_compile="true",
+                    zero_init_residual=False).validate()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+            model = train.make_model(config, num_classes=5)
+            optimizer = train._compile(model, config, num_classes=5, steps_per_epoch=2)
+        before = [w.numpy().copy() for w in model.trainable_weights]
+        images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+        history = model.fit(images, np.arange(32) % 5, batch_size=4, epochs=1, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.jit_compile is True
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    # Loss scaling starts at 2**15 and skips the steps whose float16 gradients overflow while it
+    # halves the scale; some of the 8 steps must have been applied.
+    assert 1 <= int(optimizer.iterations.numpy()) <= 8
+    assert np.isfinite(history.history["loss"][0])
+    unchanged = [w.path for b, w in zip(before, model.trainable_weights)
+                 if np.array_equal(b, w.numpy())]
+    assert not unchanged
