@@ -273,6 +273,6 @@ def test_xla_train_step_with_float16_loss_scaling():
     # halves the scale; some of the 8 steps must have been applied.
     assert 1 <= int(optimizer.iterations.numpy()) <= 8
     assert np.isfinite(history.history["loss"][0])
-    unchanged = [w.path for b, w in zip(before, model.trainable_weights)
+    unchanged = [w.path for b, w in zip(before, model.trainable_weights, strict=True)
                  if np.array_equal(b, w.numpy())]
     assert not unchanged
