@@ -35,6 +35,9 @@ BEST_JSON = "best.json"
 RUN_JSON = "run.json"
 # Fields of run.json that must match for a checkpoint to be restorable into the new model.
 IDENTITY_FIELDS = ("depth", "variant", "conv_bias", "num_classes")
+# Fields that must match for the run to continue where it stopped: the learning-rate schedule
+# counts optimizer steps, and the saved data position counts batches, of this global batch size.
+RUN_FIELDS = ("batch_size",)
 
 
 def save_keras_atomic(model, path):
@@ -52,17 +55,24 @@ class CheckpointMismatchError(ValueError):
 
 
 def check_run_identity(model_dir, identity):
-    """Records the network identity in run.json, or refuses a directory holding another network."""
+    """Records the run's identity in run.json, or refuses a directory holding another network or
+    a run with another global batch size (`identity` has IDENTITY_FIELDS and RUN_FIELDS)."""
     path = os.path.join(model_dir, RUN_JSON)
     previous = read_json(path)
     if previous is not None:
-        differ = {k: (previous.get(k), identity[k]) for k in IDENTITY_FIELDS
-                  if previous.get(k) != identity[k]}
-        if differ:
-            what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+        def differ(fields):  # a field missing from an older run.json is not compared
+            return ", ".join(f"{k}: checkpoint {previous[k]!r} vs now {identity[k]!r}"
+                             for k in fields if k in previous and previous[k] != identity[k])
+
+        if differ(IDENTITY_FIELDS):
             raise CheckpointMismatchError(
-                f"{model_dir} holds checkpoints of a different model ({what}); "
+                f"{model_dir} holds checkpoints of a different model ({differ(IDENTITY_FIELDS)}); "
                 f"use another --model_dir or the original settings.")
+        if differ(RUN_FIELDS):
+            raise CheckpointMismatchError(
+                f"{model_dir} holds a run with another global batch size ({differ(RUN_FIELDS)}): "
+                "its learning-rate schedule and data position count steps of that size; resume "
+                "with the original --batch_size or use another --model_dir.")
     write_json_atomic(path, identity)
 
 

@@ -235,7 +235,7 @@ def train_and_evaluate(config):
                             report)
 
     identity = {"depth": config.depth, "variant": config.variant, "conv_bias": config.conv_bias,
-                "num_classes": num_classes}
+                "num_classes": num_classes, "batch_size": config.batch_size}
     with strategy.scope():
         model = make_model(config, num_classes)
         optimizer = _compile(model, config, num_classes, steps_per_epoch)

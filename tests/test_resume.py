@@ -172,11 +172,17 @@ def data_dir_of(run_dir):
     return json.loads(open(os.path.join(run_dir, "run", "config.json")).read())["data_dir"]
 
 
-def test_checkpoint_of_another_depth_is_refused(data_dir, uninterrupted, tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train_main.py"),
-         *flags(data_dir, uninterrupted, depth=34, epochs=3)],
-        capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode != 0
-    assert "different model" in result.stderr and "depth: checkpoint 18 vs now 34" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_checkpoint_of_another_depth_or_batch_size_is_refused(data_dir, uninterrupted):
+    run = os.path.join(uninterrupted, "run")
+    before = {name: open(os.path.join(run, name)).read() for name in ("run.json", "config.json")}
+    for change, message in ((dict(depth=34), "different model (depth: checkpoint 18 vs now 34)"),
+                            # The schedule and data position count steps of the old batch size.
+                            (dict(batch_size=2 * BATCH), "another global batch size (batch_size: "
+                             f"checkpoint {BATCH} vs now {2 * BATCH})")):
+        result = subprocess.run(
+            [sys.executable, os.path.join(REPO, "train_main.py"),
+             *flags(data_dir, uninterrupted, epochs=EPOCHS + 1, **change)],
+            capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert result.returncode != 0
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert before == {name: open(os.path.join(run, name)).read() for name in before}
