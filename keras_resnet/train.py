@@ -1,5 +1,7 @@
 """`train_and_evaluate(config)`: strategy, data, model, `model.fit`, checkpoints, export, results."""
 
+import contextlib
+import glob
 import json
 import os
 import time
@@ -137,12 +139,54 @@ def _load_data(config):
     return source, len(source.class_ids)
 
 
-def _cache_for(cache, ctx, split="train"):
-    """--cache for one input pipeline: None, "memory", or a file path of its own per pipeline and
-    split (workers sharing a file system must not write one cache file)."""
+def _cache_for(cache, ctx, split, name, *extra):
+    """--cache for one input pipeline: None, "memory", or a file path of its own per split, file
+    list (+ `extra`, such as the image size of cached pixels) and pipeline: workers sharing a file
+    system must not write one cache file, and a cache of other files must never be read back."""
+    from pipelines import dataset as ds_lib
+
     if not cache or cache == "memory":
         return cache or None
-    return f"{cache}.{split}.pipeline{ctx.input_pipeline_id}-of-{ctx.num_input_pipelines}"
+    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    path = (f"{cache}.{name}-{ds_lib.split_fingerprint(split, *extra)}."
+            f"pipeline{ctx.input_pipeline_id}-of-{ctx.num_input_pipelines}")
+    _remove_unfinished_cache(path)
+    return path
+
+
+def _remove_unfinished_cache(path):
+    """Deletes what a killed run left of a tf.data cache file that it had not finished writing.
+
+    tf.data writes `<path>_<n>.lockfile` and temporary shards, and `<path>.index` last; its lock
+    file would otherwise stop every later run ("a concurrent caching iterator"). Each cache path
+    belongs to one input pipeline of one run (see `_cache_for`), so a lock found before the run
+    starts is stale.
+    """
+    if os.path.exists(path + ".index"):
+        return
+    leftovers = glob.glob(glob.escape(path) + "_*.lockfile") + glob.glob(
+        glob.escape(path) + "_*.data-*")
+    if leftovers:
+        logging.warning("--cache: removing the unfinished cache %s_* of an interrupted run.", path)
+    for leftover in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(leftover)
+
+
+def _train_cache(config, source):
+    """--cache for the training files, or None when their encoded bytes would not fit (then only
+    the validation images are cached)."""
+    from pipelines import dataset as ds_lib
+
+    if not config.cache:
+        return None
+    size = ds_lib.encoded_bytes_estimate(source.train)
+    if size > ds_lib.CACHE_MAX_BYTES:
+        logging.warning("--cache: the training files hold about %.1f GiB (over the %.0f GiB "
+                        "limit for encoded images in memory); caching the validation images "
+                        "only.", size / 2**30, ds_lib.CACHE_MAX_BYTES / 2**30)
+        return None
+    return config.cache
 
 
 def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoch, skip_steps,
@@ -157,12 +201,14 @@ def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoc
                 image_size=config.image_size, num_classes=num_classes, seed=config.seed)
         return strategy.distribute_datasets_from_function(train_fn), None
 
+    train_cache = _train_cache(config, source)
+
     def train_fn(ctx):
         return ds_lib.build_train_dataset(
             source.train, global_batch_size=config.batch_size, image_size=config.image_size,
             seed=config.seed, start_epoch=start_epoch, num_epochs=num_epochs,
             skip_steps=skip_steps, input_context=ctx, deterministic=config.deterministic,
-            cache=_cache_for(config.cache, ctx), data_service=config.tf_data_service or None,
+            cache=_cache_for(train_cache, ctx, source.train, "train"), data_service=config.tf_data_service or None,
             max_steps_per_epoch=steps_per_epoch)
 
     train = strategy.distribute_datasets_from_function(train_fn)
@@ -171,7 +217,8 @@ def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoc
         def val_fn(ctx):
             val = ds_lib.build_eval_dataset(
                 source.val, global_batch_size=config.batch_size, image_size=config.image_size,
-                input_context=ctx, cache=_cache_for(config.cache, ctx, "val"))
+                input_context=ctx,
+                cache=_cache_for(config.cache, ctx, source.val, "val", config.image_size))
             return val.take(config.validation_steps) if config.validation_steps else val
         val = strategy.distribute_datasets_from_function(val_fn)
     return train, val

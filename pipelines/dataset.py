@@ -10,6 +10,7 @@ positions before any file is read, and a resumed run sees the same pixels as an 
 """
 
 import functools
+import hashlib
 import math
 import os
 
@@ -57,6 +58,27 @@ def _pipeline_layout(global_batch_size, input_context):
 
 def _has_files(split) -> bool:
     return split.files is not None and len(split.files) > 0
+
+
+def encoded_bytes_estimate(split, sample: int = 1000) -> int:
+    """About how many bytes the split's files hold (sizes of an even sample of them x count)."""
+    if not _has_files(split):
+        return 0
+    files = np.asarray(split.files)
+    picked = files[np.linspace(0, len(files) - 1, min(sample, len(files))).astype(int)]
+    return int(np.mean([os.path.getsize(f) for f in picked]) * len(files))
+
+
+def split_fingerprint(split, *extra) -> str:
+    """A short hash of the split's files and labels (and `extra`): names cache files, so a cache
+    written for another file list, labelling or image size is never read back."""
+    digest = hashlib.sha256(repr(extra).encode())
+    if _has_files(split):
+        digest.update("\n".join(map(str, split.files)).encode())
+        digest.update(np.asarray(split.labels, np.int64).tobytes())
+    else:
+        digest.update(f"records:{split.num_examples}".encode())
+    return digest.hexdigest()[:12]
 
 
 def _cached_bytes(files: np.ndarray, cache: str) -> tf.Tensor:

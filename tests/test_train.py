@@ -146,20 +146,58 @@ def test_demo_learns_well_above_chance(tmp_path):
     assert results["global_step"] == 4 * results["steps_per_epoch"]
 
 
-def test_file_cache_is_per_split_and_input_pipeline(tmp_path):
+def test_file_cache_is_per_split_file_list_and_input_pipeline(tmp_path):
     from keras_resnet.train import train_and_evaluate
 
     make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=3, val_per_class=2,
                      image_size=40, broken=False)
-    cache = tmp_path / "cache" / "imagenet"
-    cache.parent.mkdir()
-    results = train_and_evaluate(tiny_config(tmp_path, data_dir=str(tmp_path / "imagenet"),
-                                             steps_per_epoch=1, validation_steps=0, export=False,
-                                             cache=str(cache)))
-    assert results["global_step"] == 1
-    written = {p.name.split(".")[0] + "." + ".".join(p.name.split(".")[1:3])
-               for p in cache.parent.iterdir()}
-    assert written == {"imagenet.train.pipeline0-of-1", "imagenet.val.pipeline0-of-1"}, written
+    cache = tmp_path / "cache" / "imagenet"  # its directory does not exist yet
+
+    def train(run, **overrides):
+        config = tiny_config(tmp_path, data_dir=str(tmp_path / "imagenet"), steps_per_epoch=1,
+                             validation_steps=0, export=False, cache=str(cache),
+                             model_dir=str(tmp_path / run), **overrides)
+        assert train_and_evaluate(config)["global_step"] == 1
+        return {".".join(p.name.split(".")[:3]) for p in cache.parent.iterdir()}
+
+    first = train("run1")
+    names = sorted(n.split("-")[0] for n in first)
+    assert names == ["imagenet.train", "imagenet.val"], first
+    assert all(n.endswith(".pipeline0-of-1") for n in first), first
+    # Another image size caches other validation pixels: a new val cache, the same train one.
+    second = train("run2", image_size=48)
+    assert len(second - first) == 1 and next(iter(second - first)).startswith("imagenet.val-")
+    # Another file list (a new training image) gets caches of its own, never the old bytes.
+    extra = tmp_path / "imagenet" / "ILSVRC" / "Data" / "CLS-LOC" / "train"
+    first_class = sorted(extra.iterdir())[0]
+    (first_class / "extra.JPEG").write_bytes(next(first_class.iterdir()).read_bytes())
+    third = train("run3", image_size=48)
+    assert len(third - second) == 1 and next(iter(third - second)).startswith("imagenet.train-")
+    # A run killed while writing a cache leaves tf.data's lock file and a temporary shard; the
+    # next run clears them instead of failing on "a concurrent caching iterator".
+    val_cache = next(p for p in cache.parent.iterdir() if p.name.startswith("imagenet.val-")
+                     and p.name.endswith("pipeline0-of-1.index"))
+    prefix = str(val_cache)[:-len(".index")]
+    for p in cache.parent.glob(os.path.basename(prefix) + "*"):
+        p.unlink()
+    for leftover in ("_0.lockfile", "_0.data-00000-of-00001.tempstate123"):
+        open(prefix + leftover, "w").write("Created at: 1")
+    assert train("run4", image_size=48) == third
+    assert not list(cache.parent.glob("*lockfile")) and os.path.exists(prefix + ".index")
+
+
+def test_cache_leaves_out_training_files_too_big_for_memory(tmp_path, monkeypatch):
+    from keras_resnet import train
+    from pipelines import dataset, sources
+
+    make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=3, val_per_class=2,
+                     image_size=40, broken=False)
+    source = sources.load_source("imagenet", str(tmp_path / "imagenet"))
+    config = tiny_config(tmp_path, cache="memory")
+    assert train._train_cache(config, source) == "memory"
+    monkeypatch.setattr(dataset, "CACHE_MAX_BYTES", 100)  # the JPEGs are ~1 KiB each
+    assert train._train_cache(config, source) is None
+    assert train._train_cache(tiny_config(tmp_path), source) is None
 
 
 def test_time_based_checkpoints(monkeypatch):
