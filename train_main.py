@@ -116,6 +116,8 @@ def main(argv):
         train.train_and_evaluate(config)
     except train.UserError as e:
         return _fail(e)
+    except train.Interrupted as e:  # already logged; not finished, so not exit status 0
+        return e.exit_status
     return 0
 
 

@@ -4,6 +4,7 @@ import contextlib
 import glob
 import json
 import os
+import signal
 import time
 import warnings
 
@@ -31,6 +32,17 @@ warnings.filterwarnings("ignore", message="Your input ran out of data")
 
 class UserError(Exception):
     """A problem the user can fix; train_main prints it as one line."""
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal (or a peer worker's) after saving a checkpoint: the run is
+    not finished. `exit_status` is the shell's 128 + signal number (SIGTERM: 143, SIGINT: 130),
+    so schedulers that restart failed jobs restart it, and `train && export` stops."""
+
+    def __init__(self, message, signal_name):
+        super().__init__(message)
+        number = getattr(signal.Signals, signal_name or "", signal.SIGTERM)
+        self.exit_status = 128 + int(number)
 
 
 def make_model(config, num_classes):
@@ -355,9 +367,10 @@ def train_and_evaluate(config):
                     f"{e.step}. The last good checkpoint is kept in {ckpt.directory}; lower "
                     f"--base_learning_rate or use --mixed_precision=float32 and run again."
                 ) from None
-            logging.warning("Stopped by %s at epoch %d, step %d; checkpoint saved. Run the same "
-                            "command again to resume.", e.reason, e.epoch + 1, e.step)
-            return None
+            message = (f"Stopped by {e.reason} at epoch {e.epoch + 1}, step {e.step}; checkpoint "
+                       "saved. Run the same command again to resume.")
+            logging.warning(message)
+            raise Interrupted(message, stop.signal_name) from None
         except tf.errors.UnavailableError as e:  # multi-worker: a peer died or was preempted
             raise UserError(
                 f"a peer worker stopped or became unreachable ({str(e).splitlines()[0][:200]}); "

@@ -151,7 +151,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dir, uninterrupted, t
     run_dir = str(tmp_path)
     args = flags(data_dir, run_dir, checkpoint_every_steps=5)
     code, output = start_and_kill_at(args, step=5, sig=signal.SIGTERM)
-    assert code == 0, output[-3000:]
+    assert code == 128 + signal.SIGTERM, output[-3000:]  # not finished: a scheduler restarts it
     assert "Stopped by SIGTERM" in output
     resumed = run_to_end(args)
     assert "Resuming at epoch" in resumed.stdout
