@@ -26,7 +26,8 @@ HELP = {
     "dropout": "Dropout rate before the classifier (0 disables it).",
     "zero_init_residual": "Start the last BatchNorm gamma of each residual block at zero.",
     "dataset": "imagenet (Kaggle or ImageFolder layout at --data_dir), demo, synthetic, tfds:NAME.",
-    "data_dir": "Where the dataset lies (for demo: where it is generated on first use).",
+    "data_dir": "Where the dataset lies (for demo: where it is generated on first use). Default: "
+                "data/imagenet, data/demo, or TFDS's data dir for tfds:NAME.",
     "image_size": "Training crop / evaluation size in pixels.",
     "cache": "'' (off), 'memory' or a file path prefix: caches the preprocessed validation "
              "images and holds the encoded training files in memory (up to 1 GiB: small datasets).",

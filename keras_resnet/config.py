@@ -30,7 +30,7 @@ class Config:
     zero_init_residual: bool = True
     # Data.
     dataset: str = "imagenet"
-    data_dir: str = "data/imagenet"
+    data_dir: str = ""  # default: data/imagenet, data/demo, or TFDS's own data dir
     image_size: int = 224
     cache: str = ""  # "" (off), "memory", or a file path prefix for tf.data's file cache
     tf_data_service: str = ""  # grpc://HOST:PORT of a tf.data service dispatcher
@@ -67,7 +67,11 @@ class Config:
     gpu_memory_gib: float = 80.0
 
     def __post_init__(self):
-        self.step_decay_epochs = tuple(int(e) for e in self.step_decay_epochs)
+        try:
+            self.step_decay_epochs = tuple(int(e) for e in self.step_decay_epochs)
+        except (TypeError, ValueError):
+            raise ValueError(f"--step_decay_epochs={','.join(map(str, self.step_decay_epochs))}; "
+                             "use whole epoch numbers, e.g. 30,60,80.") from None
 
     # ----- derived values (computed in one place) -----
     @property
@@ -83,6 +87,13 @@ class Config:
     @property
     def run_name(self):
         return f"resnet{self.depth}_{self.dataset.replace(':', '_').replace('/', '_')}"
+
+    @property
+    def resolved_data_dir(self):
+        """--data_dir, else the dataset's own default (so the demo never lands in data/imagenet)."""
+        if self.data_dir:
+            return self.data_dir
+        return {"imagenet": "data/imagenet", "demo": "data/demo"}.get(self.dataset, "")
 
     @property
     def resolved_model_dir(self):

@@ -129,7 +129,7 @@ def _check_model(model, image_size):
     height, width = model.inputs[0].shape[1:3]
     if (height, width) not in ((None, None), (image_size, image_size)):
         raise ValueError(f"image_size={image_size} does not match the model input "
-                         f"{height}x{width}; pass image_size={height}.")
+                         f"{height}x{width}; pass image_size={height} (--image_size={height}).")
 
 
 def _starts_with(data, prefix):

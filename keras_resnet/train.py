@@ -139,12 +139,12 @@ def _load_data(config):
     from pipelines import sources
 
     try:
-        source = sources.load_source(config.dataset, config.data_dir)
+        source = sources.load_source(config.dataset, config.resolved_data_dir)
     except sources.DataError as e:
         raise UserError(str(e)) from None
     if source.train is None or source.train.num_examples == 0:
         raise UserError(f"No training images found for --dataset={config.dataset} under "
-                        f"{config.data_dir}.")
+                        f"{config.resolved_data_dir or 'the TFDS data dir'}.")
     logging.info("Dataset %s: %d classes, %d train, %d val images.", source.name,
                  len(source.class_ids), source.train.num_examples,
                  source.val.num_examples if source.val else 0)
@@ -290,8 +290,8 @@ def train_and_evaluate(config):
 
         report = sources.write_skipped_report(source, model_dir)
         if source.skipped:
-            logging.warning("Skipped %d unreadable files (listed in %s).", len(source.skipped),
-                            report)
+            logging.warning("Left out %d files or folders (each with its reason in %s).",
+                            len(source.skipped), report)
 
     identity = {"depth": config.depth, "variant": config.variant, "conv_bias": config.conv_bias,
                 "num_classes": num_classes, "batch_size": config.batch_size}

@@ -32,7 +32,7 @@ VAL_SOLUTION = "LOC_val_solution.csv"
 KAGGLE_IMAGE_ROOT = os.path.join("ILSVRC", "Data", "CLS-LOC")
 INDEX_FILE = ".keras_resnet_index.npz"
 EXTRACTING_MARKER = ".keras_resnet_extracting"   # keras_resnet.download: extraction unfinished
-INDEX_VERSION = 2  # 2: screening searches a 4 KiB tail
+INDEX_VERSION = 3  # 2: screening searches a 4 KiB tail; 3: classes without training images
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
     "keras_resnet",
@@ -100,7 +100,7 @@ class Source:
             if split is not None:
                 parts.append(f"{split_name} {split.num_examples:,}")
         if self.skipped:
-            parts.append(f"skipped {len(self.skipped):,} unreadable files")
+            parts.append(f"left out {len(self.skipped):,} files or folders (see {SKIPPED_REPORT})")
         return ", ".join(parts)
 
 
@@ -296,6 +296,12 @@ def _build_index(image_root: str, meta_dir: str | None, screen: bool) -> dict:
             splits[split] = [pair for pair, r in zip(pairs, reasons, strict=True) if not r]
     if not any(splits.values()):
         raise DataError(f"no images under {image_root}/train or {image_root}/val: {FIX_HINT}")
+    if splits.get("train"):
+        # A class without training images still has its output (class ids stay those of the
+        # mapping or folder list), but the user should hear of it: torchvision refuses this.
+        present = {label for _, label in splits["train"]}
+        skipped += [(os.path.join(train_dir, c), "class has no training images")
+                    for i, c in enumerate(class_ids) if i not in present]
     return {"class_ids": class_ids, "class_names": class_names, "splits": splits,
             "skipped": sorted(skipped)}
 

@@ -36,7 +36,7 @@ def test_kaggle_layout_labels_classes_and_broken_files(tree):
     assert set(skipped) == set(tree["broken"])
     for path, reason in tree["broken"].items():
         assert reason in skipped[path]
-    assert "train 14" in src.summary() and "skipped 3" in src.summary()
+    assert "train 14" in src.summary() and "left out 3 files" in src.summary()
 
 
 def test_data_dir_may_be_cls_loc_itself(tree):
@@ -62,6 +62,11 @@ def test_imagefolder_layout_after_valprep(tree, tmp_path):
                 for p, lb in tree["val"].items()}
     assert _as_dict(src.val) == want_val
     assert len(src.train.files) == len(tree["train"])
+    # An empty class folder stays a class (its output exists) but is reported.
+    (folder / "train" / "n99999999").mkdir()
+    src = load_source("imagenet", str(folder))
+    assert src.class_ids == tree["class_ids"] + ["n99999999"]
+    assert dict(src.skipped)[str(folder / "train" / "n99999999")] == "class has no training images"
 
 
 def test_index_is_cached_and_invalidated_when_the_tree_changes(tree, monkeypatch):

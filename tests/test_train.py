@@ -85,12 +85,20 @@ def test_summary_needs_no_data_and_counts_are_right():
     ("--mixed_precision=fp8", "valid: auto, float32, mixed_float16, mixed_bfloat16"),
     ("--dataset=cifar", "tfds:NAME"),
     ("--batch_size=0", "--batch_size=0"),
+    ("--step_decay_epochs=30,sixty", "--step_decay_epochs=30,sixty; use whole epoch numbers"),
 ])
 def test_bad_flags_give_one_line_errors(flag, expected):
     result = run_main(flag, "--summary")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert result.stderr.startswith("error: ") and expected in result.stderr
+
+
+def test_data_dir_defaults_per_dataset():
+    assert Config(dataset="imagenet").resolved_data_dir == "data/imagenet"
+    assert Config(dataset="demo").resolved_data_dir == "data/demo"  # never inside data/imagenet
+    assert Config(dataset="tfds:mnist").resolved_data_dir == ""  # TFDS's own default
+    assert Config(dataset="demo", data_dir="/x").resolved_data_dir == "/x"
 
 
 def test_missing_imagenet_says_how_to_get_it(tmp_path):
