@@ -185,6 +185,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.step_offset = 0
         self.epoch = 0
         self._last_save_time = time.monotonic()
+        self._saved_at = None  # (epoch, step) of the last save
         best = read_json(os.path.join(model_dir, BEST_JSON), {}) if write else {}
         self.best = best.get(monitor, -math.inf)
 
@@ -197,7 +198,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         if loss is not None and not np.isfinite(loss):
             raise TrainingInterrupted("non-finite loss", self.epoch, step)
         if step >= self.steps_per_epoch:
-            return  # the epoch end (validation, best model, save) covers the last step
+            # The epoch end (validation, best model, save) covers the last step, unless a stop
+            # is pending: then save now, as validation may outlast a preemption notice.
+            if self._stop_requested():
+                self._save(self.epoch + 1, 0)
+            return
         if self._stop_requested():
             self._save(self.epoch, step)
             raise TrainingInterrupted(self.stop.signal_name or "a peer's stop", self.epoch, step)
@@ -212,7 +217,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         if score is not None and score > self.best:
             self.best = float(score)
             self._save_best(epoch, logs)
-        self._save(epoch + 1, 0)
+        if self._saved_at != (epoch + 1, 0):  # not already saved after the last step
+            self._save(epoch + 1, 0)
         if self._stop_requested():  # a signal during the last step or the validation pass
             raise TrainingInterrupted(self.stop.signal_name or "a peer's stop", epoch + 1, 0)
 
@@ -222,6 +228,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     def _save(self, epoch, step):
         """Saves the position `step` steps into epoch `epoch` (0-based; step 0 = not started)."""
         path = self.ckpt.save(epoch, step)
+        self._saved_at = (epoch, step)
         self._last_save_time = time.monotonic()
         logging.info("Saved checkpoint %s (epoch %d, step %d done).", path, epoch + 1, step)
 

@@ -230,7 +230,7 @@ def test_time_based_checkpoints(monkeypatch):
     assert saved == [(0, 3), (0, 6), (0, 9)]
 
 
-def test_signal_during_last_step_still_validates_and_saves_the_epoch_end():
+def test_signal_during_last_step_saves_before_validating():
     """A stop requested during an epoch's last step lets validation and the epoch-end save run,
     then stops: the epoch is never left unvalidated."""
     from keras_resnet import checkpoint as ckpt_lib
@@ -261,12 +261,22 @@ def test_signal_during_last_step_still_validates_and_saves_the_epoch_end():
     callback.on_epoch_begin(1)
     callback.on_train_batch_end(0, {"loss": 1.0})
     callback.on_train_batch_end(1, {"loss": 1.0})
-    stop.signal_name = "SIGTERM"  # arrives during the last step: validation still runs
+    stop.signal_name = "SIGTERM"  # arrives during the last step: save before validation
     callback.on_train_batch_end(2, {"loss": 1.0})
-    assert saved == []
+    assert saved == [(2, 0)]  # a preemption during the validation pass loses nothing trained
     with pytest.raises(ckpt_lib.TrainingInterrupted):
-        callback.on_epoch_end(1, {"val_top1": 0.5})
+        callback.on_epoch_end(1, {"val_top1": 0.5})  # validation ran; no second save
     assert saved == [(2, 0)]
+
+    # Without a signal the last step leaves the save to the epoch end.
+    saved.clear()
+    stop, callback = new_callback()
+    callback.on_epoch_begin(0)
+    for batch in range(3):
+        callback.on_train_batch_end(batch, {"loss": 1.0})
+    assert saved == []
+    callback.on_epoch_end(0, {"val_top1": 0.5})
+    assert saved == [(1, 0)]
 
 
 class _FakeStrategy:
