@@ -8,7 +8,7 @@ It is written to a hidden temporary directory and renamed into place only when c
 server watching `export_dir` never sees a half-written version and old versions are never touched.
 
 Signatures (both return the same outputs):
-  serving_default(image_bytes: string [N])        JPEG or PNG (or GIF, BMP) bytes, decoded and
+  serving_default(image_bytes: string [N])        JPEG, PNG, GIF, BMP or WebP bytes, decoded and
                                                    preprocessed exactly as the eval pipeline does.
   serve_images(images: uint8 [N, H, W, 3])        decoded RGB images of any size, given the same
                                                    eval preprocessing (resize the shorter side to
@@ -34,13 +34,11 @@ import tensorflow as tf
 # module having been imported first.
 import keras_resnet.fused_batch_norm  # noqa: F401
 from keras_resnet.files import write_json_atomic
-from pipelines import preprocessing
+from pipelines import formats, preprocessing
 
 TOP_K = 5
 _TMP_PREFIX = ".tmp-export-"
 _VERSION_RE = re.compile(r"^\d+$")
-# First bytes of the formats the eval pipeline's `decode_image` reads: JPEG, PNG, GIF, BMP.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM")
 CHECKPOINT_NAMES = ("best.keras", "latest.keras")
 CLASSES_JSON = "classes.json"
 
@@ -132,10 +130,6 @@ def _check_model(model, image_size):
                          f"{height}x{width}; pass image_size={height} (--image_size={height}).")
 
 
-def _starts_with(data, prefix):
-    return tf.equal(tf.strings.substr(data, 0, len(prefix)), prefix)
-
-
 def _has_end_marker(data):
     """False for a JPEG without an end-of-image marker or a PNG without its IEND chunk.
 
@@ -143,10 +137,10 @@ def _has_end_marker(data):
     photo's video, for one) after the marker.
     """
     def contains(marker):
-        return tf.size(tf.strings.split(data, sep=marker)) > 1
+        return lambda: tf.size(tf.strings.split(data, sep=marker)) > 1
 
-    return tf.case([(_starts_with(data, _MAGIC[0]), lambda: contains(b"\xff\xd9")),
-                    (_starts_with(data, _MAGIC[1]), lambda: contains(b"IEND"))],
+    return tf.case([(preprocessing.has_format(data, kind), contains(marker))
+                    for kind, marker in formats.END_MARKERS.items()],
                    default=lambda: tf.constant(True))
 
 
@@ -176,9 +170,9 @@ def _build_archive(model, image_size, class_ids, class_names):
         data, index = args
         # Clear InvalidArgumentErrors naming the bad element, instead of a decoder message that
         # does not say which image of the batch it came from.
-        is_image = tf.reduce_any([_starts_with(data, m) for m in _MAGIC])
+        is_image = tf.reduce_any([preprocessing.has_format(data, k) for k in formats.SIGNATURES])
         check_format = tf.debugging.Assert(is_image, [tf.strings.format(
-            "image_bytes[{}] is not a JPEG, PNG, GIF or BMP image ({} bytes)",
+            f"image_bytes[{{}}] is not a {formats.NAMES} image ({{}} bytes)",
             (index, tf.strings.length(data)))])
         check_end = tf.debugging.Assert(_has_end_marker(data), [tf.strings.format(
             "image_bytes[{}] is a truncated image ({} bytes, no end marker); send the whole file",

@@ -10,6 +10,7 @@ used), a .keras file (class names from the classes.json beside it), or a trainin
 
 import argparse
 import os
+import re
 import sys
 
 import keras
@@ -17,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet import export
+from pipelines import formats
 from pipelines.preprocessing import preprocess_for_eval
 
 
@@ -44,20 +46,34 @@ def load_predictor(path, image_size=None):
     k = min(export.TOP_K, num_classes)
 
     def predict(image_bytes):
-        probs = probabilities(preprocess_for_eval(image_bytes, image_size)[None])[0].numpy()
+        _check_image_bytes(image_bytes)  # the checks the SavedModel makes, with the same words
+        pixels = preprocess_for_eval(image_bytes, image_size, recover_truncated=False)
+        probs = probabilities(pixels[None])[0].numpy()
         top = np.argsort(-probs, kind="stable")[:k]
         return probs[top], [class_ids[i] for i in top], [class_names[i] for i in top]
 
     return predict
 
 
+def _check_image_bytes(data):
+    kind = formats.image_format(data[:formats.HEADER_BYTES])
+    if kind is None:
+        raise tf.errors.InvalidArgumentError(
+            None, None, f"not a {formats.NAMES} image ({len(data)} bytes)")
+    if kind in formats.END_MARKERS and formats.END_MARKERS[kind] not in data:
+        raise tf.errors.InvalidArgumentError(
+            None, None, f"a truncated image ({len(data)} bytes, no end marker); send the whole file")
+
+
 def _error_line(e):
-    """The informative line of a TensorFlow error (not the graph and node boilerplate)."""
+    """The informative line of a TensorFlow error (not the graph and node boilerplate), said of
+    one file (the SavedModel's messages name the batch element: always 0 here)."""
     for line in str(getattr(e, "message", e)).splitlines():
-        line = line.strip()
+        line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\].*$", "", line).strip()
         if line and not line.startswith(("Graph execution error", "Detected at node",
                                          "<stack traces", "[[")):
-            return line.removeprefix("assertion failed: [").removesuffix("]")
+            line = line.removeprefix("assertion failed: [").removesuffix("]")
+            return re.sub(r"^image_bytes\[\d+\] is ", "", line).rstrip(".")
     return type(e).__name__
 
 

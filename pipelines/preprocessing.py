@@ -10,6 +10,8 @@ import math
 
 import tensorflow as tf
 
+from pipelines import formats
+
 # torchvision RandomResizedCrop defaults: crop area as a fraction of the image, and width/height.
 CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
@@ -27,16 +29,20 @@ RESIZE_METHOD = "bilinear"
 TRAIN_ANTIALIAS = False
 EVAL_ANTIALIAS = True
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
+def has_format(image_bytes, kind: str) -> tf.Tensor:
+    """True if the bytes carry the signature of format `kind` of pipelines.formats.SIGNATURES
+    (whatever the file name says)."""
+    return tf.reduce_all([tf.equal(tf.strings.substr(image_bytes, offset, len(part)), part)
+                          for offset, part in formats.SIGNATURES[kind]])
 
 
 def is_jpeg(image_bytes) -> tf.Tensor:
-    """True if the bytes start with the JPEG magic number (whatever the file name says)."""
-    return tf.equal(tf.strings.substr(image_bytes, 0, 3), _JPEG_MAGIC)
+    """True if the bytes start with the JPEG signature (whatever the file name says)."""
+    return has_format(image_bytes, "JPEG")
 
 
 def decode_image(image_bytes, recover_truncated: bool = True) -> tf.Tensor:
-    """Decodes JPEG (RGB, grayscale or CMYK), PNG, GIF or BMP by content to uint8 RGB [H, W, 3].
+    """Decodes JPEG (RGB, grayscale or CMYK), PNG, GIF, BMP or WebP by content to uint8 RGB [H, W, 3].
 
     `recover_truncated=False` fails on a truncated JPEG instead of greying its missing rows (the
     serving signature does this: a client should hear that its image is broken).

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from pipelines import formats
+
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
 VAL_SOLUTION = "LOC_val_solution.csv"
 KAGGLE_IMAGE_ROOT = os.path.join("ILSVRC", "Data", "CLS-LOC")
@@ -44,10 +46,8 @@ SCREEN_THREADS = 32          # screening is I/O bound (two small reads a file): 
 SCREEN_BATCH = 2048          # files per thread-pool task, to keep per-future overhead small
 TAIL_BYTES = 4096  # JPEGs may carry padding or trailers after the end-of-image marker
 
-JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG"
-OTHER_MAGIC = {b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "RIFF/WebP", b"II*\x00": "TIFF",
-               b"MM\x00*": "TIFF"}
+UNSUPPORTED_MAGIC = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "RIFF (not WebP)",
+                     b"\x00\x00\x00\x0cjP": "JPEG 2000"}
 
 FIX_HINT = ("download ImageNet with `python -m keras_resnet.download --data_dir=DIR`, "
             "or try `--dataset=demo`")
@@ -334,14 +334,14 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped):
 
 
 def screen_file(path: str) -> str:
-    """Returns "" for a plausible JPEG/PNG, else why the file is skipped.
+    """Returns "" for a plausible image (see pipelines.formats), else why the file is skipped.
 
     Reads only the first and last few bytes: cheap enough for 1.28M files. CMYK JPEGs and PNGs
     named .JPEG pass (the decoder reads them by content).
     """
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(formats.HEADER_BYTES)
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - TAIL_BYTES))
             tail = f.read()
@@ -349,14 +349,15 @@ def screen_file(path: str) -> str:
         return f"unreadable: {e.strerror or e}"
     if size == 0:
         return "empty file"
-    if head.startswith(JPEG_MAGIC):
-        return "" if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
-    if head.startswith(PNG_MAGIC):
-        return "" if b"IEND" in tail else "truncated PNG (no IEND chunk)"
-    for magic, kind in OTHER_MAGIC.items():
+    kind = formats.image_format(head)
+    if kind in formats.END_MARKERS:
+        return "" if formats.END_MARKERS[kind] in tail else f"truncated {kind} (no end marker)"
+    if kind:
+        return ""
+    for magic, name in UNSUPPORTED_MAGIC.items():
         if head.startswith(magic):
-            return f"unsupported image format {kind} (only JPEG and PNG)"
-    return "not an image (neither JPEG nor PNG)"
+            return f"unsupported image format {name} (use {formats.NAMES})"
+    return f"not an image (not {formats.NAMES})"
 
 
 def _screen(paths: list[str]) -> list[str]:

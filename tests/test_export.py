@@ -267,8 +267,8 @@ def test_predict_command_from_saved_model(exported, images, tmp_path):
     assert "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: cannot read {tmp_path / 'missing.jpg'}: No such file or directory.",
-                      f"error: cannot decode {bad}: image_bytes[0] is not a JPEG, PNG, GIF or "
-                      "BMP image (18 bytes)."], run.stderr[-2000:]
+                      f"error: cannot decode {bad}: not a JPEG, PNG, GIF, BMP or WebP image "
+                      "(18 bytes)."], run.stderr[-2000:]
 
 
 def test_predict_from_keras_checkpoint(model, model_dir, images, capsys):
@@ -278,3 +278,23 @@ def test_predict_from_keras_checkpoint(model, model_dir, images, capsys):
     top = np.argsort(-want, kind="stable")[:5]
     assert lines == [str(images["b.png"])] + [
         f"  {want[i]:.4f}  {CLASS_IDS[i]}  {CLASS_NAMES[i]}" for i in top]
+
+
+def test_predict_from_keras_checkpoint_reports_bad_files_as_the_saved_model_does(
+        model_dir, exported, images, tmp_path, capsys):
+    jpeg = images["a.jpg"].read_bytes()
+    truncated, garbage = tmp_path / "cut.jpg", tmp_path / "notes.jpg"
+    truncated.write_bytes(jpeg[:len(jpeg) // 2])
+    garbage.write_bytes(b"just some text")
+    errors = []
+    for model in (model_dir / "best.keras", exported[0]):
+        with pytest.raises(SystemExit) as stopped:
+            predict.main([f"--model={model}", str(truncated), str(garbage), str(images["a.jpg"])])
+        assert stopped.value.code == 1
+        captured = capsys.readouterr()
+        assert captured.out.splitlines()[0] == str(images["a.jpg"])  # the good file still scored
+        errors.append([line for line in captured.err.splitlines() if line.startswith("error:")])
+    assert errors[0] == errors[1] == [
+        f"error: cannot decode {truncated}: a truncated image ({len(jpeg) // 2} bytes, no end "
+        "marker); send the whole file.",
+        f"error: cannot decode {garbage}: not a JPEG, PNG, GIF, BMP or WebP image (14 bytes)."]

@@ -119,9 +119,16 @@ def test_screen_file(tree, tmp_path):
     for path, reason in tree["broken"].items():
         assert reason in sources.screen_file(path)
     assert "unreadable" in sources.screen_file(str(tmp_path / "nope.JPEG"))
-    gif = tmp_path / "x.JPEG"
-    gif.write_bytes(b"GIF89a" + b"\0" * 20)
-    assert "GIF" in sources.screen_file(str(gif))
+    # Every format the decoder reads is kept; others are named.
+    for name, data, want in (("gif", b"GIF89a" + b"\0" * 20, ""),
+                             ("webp", b"RIFF\x10\0\0\0WEBPVP8 " + b"\0" * 20, ""),
+                             ("wav", b"RIFF\x10\0\0\0WAVEfmt " + b"\0" * 20, "RIFF (not WebP)"),
+                             ("tiff", b"II*\x00" + b"\0" * 20, "unsupported image format TIFF"),
+                             ("png", b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "truncated PNG")):
+        path = tmp_path / f"{name}.JPEG"
+        path.write_bytes(data)
+        assert (want in sources.screen_file(str(path))) if want else (
+            sources.screen_file(str(path)) == ""), name
     assert set(BROKEN_REASONS.values()) == set(tree["broken"].values())
 
 

@@ -1,0 +1,26 @@
+"""The image formats the pipelines decode, by their leading bytes (no TensorFlow here).
+
+`tf.io.decode_image` reads all of them; JPEG and PNG also carry an end marker that tells a
+truncated file from a whole one.
+"""
+
+# name -> (offset, bytes) pairs that must all match. WebP is a RIFF container of type WEBP.
+SIGNATURES = {
+    "JPEG": ((0, b"\xff\xd8\xff"),),
+    "PNG": ((0, b"\x89PNG\r\n\x1a\n"),),
+    "GIF": ((0, b"GIF8"),),
+    "BMP": ((0, b"BM"),),
+    "WebP": ((0, b"RIFF"), (8, b"WEBP")),
+}
+HEADER_BYTES = 12  # enough to tell every format above
+# Bytes that a whole file of the format contains at or near its end.
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+NAMES = ", ".join(list(SIGNATURES)[:-1]) + " or " + list(SIGNATURES)[-1]
+
+
+def image_format(header: bytes) -> str | None:
+    """The format whose signature `header` (the first HEADER_BYTES of a file) carries, or None."""
+    for name, parts in SIGNATURES.items():
+        if all(header[offset:offset + len(part)] == part for offset, part in parts):
+            return name
+    return None
