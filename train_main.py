@@ -28,6 +28,9 @@ HELP = {
     "dataset": "imagenet (Kaggle or ImageFolder layout at --data_dir), demo, synthetic, tfds:NAME.",
     "data_dir": "Where the dataset lies (for demo: where it is generated on first use). Default: "
                 "data/imagenet, data/demo, or TFDS's data dir for tfds:NAME.",
+    "check_images": "Per-file check when the file index is built: header (empty, truncated and "
+                    "non-image files), decode (also decodes every image once: finds corrupt "
+                    "files by name; slow) or none.",
     "image_size": "Training crop / evaluation size in pixels.",
     "cache": "'' (off), 'memory' or a file path prefix: caches the preprocessed validation "
              "images and holds the encoded training files in memory (up to 1 GiB: small datasets).",

@@ -10,6 +10,7 @@ import dataclasses
 import os
 
 from keras_resnet.constants import DEPTHS, VARIANTS
+from pipelines.formats import SCREENS
 
 DATASETS = ("imagenet", "demo", "synthetic")  # plus "tfds:NAME"
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -33,6 +34,7 @@ class Config:
     data_dir: str = ""  # default: data/imagenet, data/demo, or TFDS's own data dir
     image_size: int = 224
     cache: str = ""  # "" (off), "memory", or a file path prefix for tf.data's file cache
+    check_images: str = "header"  # per-file check when indexing: header, decode or none
     tf_data_service: str = ""  # grpc://HOST:PORT of a tf.data service dispatcher
     # Optimisation.
     batch_size: int = 128  # global, split across replicas
@@ -119,6 +121,8 @@ class Config:
         check(self.variant in VARIANTS, f"--variant={self.variant!r}; valid: {', '.join(VARIANTS)}.")
         check(self.dataset in DATASETS or (self.dataset.startswith("tfds:") and len(self.dataset) > 5),
               f"--dataset={self.dataset!r}; valid: {', '.join(DATASETS)} or tfds:NAME.")
+        check(self.check_images in SCREENS,
+              f"--check_images={self.check_images!r}; valid: {', '.join(SCREENS)}.")
         check(self.image_size >= 32, f"--image_size={self.image_size} is too small; use >= 32.")
         check(self.batch_size >= 1, f"--batch_size={self.batch_size}; use a positive integer.")
         check(self.epochs >= 1, f"--epochs={self.epochs}; use a positive integer.")

@@ -139,7 +139,8 @@ def _load_data(config):
     from pipelines import sources
 
     try:
-        source = sources.load_source(config.dataset, config.resolved_data_dir)
+        source = sources.load_source(config.dataset, config.resolved_data_dir,
+                                     screen=config.check_images)
     except sources.DataError as e:
         raise UserError(str(e)) from None
     if source.train is None or source.train.num_examples == 0:

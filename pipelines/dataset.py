@@ -89,7 +89,9 @@ def _cached_bytes(files: np.ndarray, cache: str) -> tf.Tensor:
                          f"memory (limit {CACHE_MAX_BYTES / 2**30:.0f} GiB): use cache=None")
     ds = tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file, num_parallel_calls=AUTOTUNE)
     ds = ds.cache("" if cache == "memory" else cache)
-    return ds.batch(len(files)).get_single_element()
+    # One batch one larger than the split: the cache reads to its end, which is when tf.data
+    # finalizes a cache file (a batch of exactly len(files) would leave it unfinished).
+    return ds.batch(len(files) + 1).get_single_element()
 
 
 def _example_seed(seed, epoch, position) -> tf.Tensor:

@@ -16,6 +16,8 @@ HEADER_BYTES = 12  # enough to tell every format above
 # Bytes that a whole file of the format contains at or near its end.
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 NAMES = ", ".join(list(SIGNATURES)[:-1]) + " or " + list(SIGNATURES)[-1]
+# The per-file checks made when a folder dataset is indexed (pipelines.sources.load_source).
+SCREENS = ("header", "decode", "none")
 
 
 def image_format(header: bytes) -> str | None:

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 
@@ -44,6 +45,7 @@ SKIPPED_REPORT = "skipped_files.tsv"
 SYNTHETIC_NUM_CLASSES = 1000
 SCREEN_THREADS = 32          # screening is I/O bound (two small reads a file): threads overlap waits
 SCREEN_BATCH = 2048          # files per thread-pool task, to keep per-future overhead small
+PROGRESS_MIN_FILES = 20_000  # a header check of fewer files takes a moment: no progress bar
 TAIL_BYTES = 4096  # JPEGs may carry padding or trailers after the end-of-image marker
 
 UNSUPPORTED_MAGIC = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "RIFF (not WebP)",
@@ -105,13 +107,15 @@ class Source:
 
 
 def load_source(dataset: str, data_dir: str, *, cache_dir: str | None = None,
-                screen: bool = True) -> Source:
+                screen: str = "header") -> Source:
     """Returns the `Source` for `dataset`: "imagenet", "demo", "tfds:NAME", "synthetic[:N]".
 
     "imagenet" detects the Kaggle or ImageFolder layout under `data_dir`. "demo" writes a small
     dataset in the Kaggle layout on first use. "synthetic" has class ids but no splits
     (train = val = None): `pipelines.dataset.synthetic_dataset` makes the tensors.
-    `screen=False` skips the per-file header check when building the index.
+    `screen` is the per-file check made when building the index: "header" (first and last bytes:
+    empty, truncated and non-image files), "decode" (also decodes every file as training would,
+    with a progress bar: finds the rare corrupt file that passes the header check) or "none".
     """
     if dataset == "imagenet":
         return _load_folder_source("imagenet", _require_dir(data_dir), cache_dir, screen)
@@ -244,7 +248,7 @@ def _tree_key(image_root: str, meta_dir: str | None) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _build_index(image_root: str, meta_dir: str | None, screen: bool) -> dict:
+def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
     """Lists the tree. Returns class ids/names, relative paths and labels per split, skipped."""
     class_ids = class_names = None
     if meta_dir and os.path.isfile(os.path.join(meta_dir, SYNSET_MAPPING)):
@@ -288,9 +292,10 @@ def _build_index(image_root: str, meta_dir: str | None, screen: bool) -> dict:
         pairs.sort()
         splits[split] = pairs
 
-    if screen:
+    if screen != "none":
         for split, pairs in splits.items():
-            reasons = _screen([os.path.join(image_root, p) for p, _ in pairs])
+            reasons = _screen([os.path.join(image_root, p) for p, _ in pairs], split,
+                              decode=screen == "decode")
             skipped += [(os.path.join(image_root, p), r)
                         for (p, _), r in zip(pairs, reasons, strict=True) if r]
             splits[split] = [pair for pair, r in zip(pairs, reasons, strict=True) if not r]
@@ -333,8 +338,10 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped):
     return pairs
 
 
-def screen_file(path: str) -> str:
+def screen_file(path: str, decode: bool = False) -> str:
     """Returns "" for a plausible image (see pipelines.formats), else why the file is skipped.
+
+    `decode=True` then decodes a plausible file as the training pipeline does (TensorFlow).
 
     Reads only the first and last few bytes: cheap enough for 1.28M files. CMYK JPEGs and PNGs
     named .JPEG pass (the decoder reads them by content).
@@ -350,23 +357,49 @@ def screen_file(path: str) -> str:
     if size == 0:
         return "empty file"
     kind = formats.image_format(head)
-    if kind in formats.END_MARKERS:
-        return "" if formats.END_MARKERS[kind] in tail else f"truncated {kind} (no end marker)"
+    if kind in formats.END_MARKERS and formats.END_MARKERS[kind] not in tail:
+        return f"truncated {kind} (no end marker)"
     if kind:
-        return ""
+        return _decode_problem(path) if decode else ""
     for magic, name in UNSUPPORTED_MAGIC.items():
         if head.startswith(magic):
             return f"unsupported image format {name} (use {formats.NAMES})"
     return f"not an image (not {formats.NAMES})"
 
 
-def _screen(paths: list[str]) -> list[str]:
+def _decode_problem(path: str) -> str:
+    import tensorflow as tf
+
+    from pipelines import preprocessing
+
+    try:
+        preprocessing.decode_image(tf.io.read_file(path))
+    except tf.errors.OpError as e:
+        first = (e.message.strip().splitlines() or [type(e).__name__])[0]
+        return f"cannot be decoded: {first.rstrip('.')}"
+    return ""
+
+
+def _screen(paths: list[str], split: str = "", decode: bool = False) -> list[str]:
+    """screen_file for every path, in parallel, with a progress bar for large lists."""
+    from tqdm import tqdm
+
     if not paths:
         return []
-    batches = [paths[i:i + SCREEN_BATCH] for i in range(0, len(paths), SCREEN_BATCH)]
-    with concurrent.futures.ThreadPoolExecutor(SCREEN_THREADS) as pool:
-        results = pool.map(lambda batch: [screen_file(p) for p in batch], batches)
-        return [r for batch in results for r in batch]
+    batch_size = SCREEN_BATCH if not decode else max(1, SCREEN_BATCH // 16)
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    # Header checks wait on I/O: many threads. Decoding is CPU-bound (TensorFlow's kernels
+    # release the GIL): a thread per core.
+    threads = SCREEN_THREADS if not decode else os.cpu_count() or 1
+    results = []
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool, tqdm(
+            total=len(paths), unit=" files", file=sys.stderr, mininterval=1.0,
+            desc=f"{'decoding' if decode else 'checking'} {split} images".replace("  ", " "),
+            disable=len(paths) < PROGRESS_MIN_FILES and not decode) as bar:
+        for batch in pool.map(lambda batch: [screen_file(p, decode) for p in batch], batches):
+            results += batch
+            bar.update(len(batch))
+    return results
 
 
 def _index_paths(data_dir: str, image_root: str, cache_dir: str | None) -> list[str]:
@@ -421,12 +454,14 @@ def _load_index(key: str, candidates: Iterable[str]) -> dict | None:
     return None
 
 
-def _load_folder_source(name: str, data_dir: str, cache_dir: str | None, screen: bool) -> Source:
+def _load_folder_source(name: str, data_dir: str, cache_dir: str | None, screen: str) -> Source:
     _check_extraction_finished(data_dir)
     image_root, meta_dir, layout = _find_layout(data_dir)
     if meta_dir:
         _check_extraction_finished(meta_dir)
-    key = _tree_key(image_root, meta_dir) + ("" if screen else ":noscreen")
+    if screen not in formats.SCREENS:
+        raise ValueError(f"screen={screen!r}; valid: {', '.join(formats.SCREENS)}")
+    key = _tree_key(image_root, meta_dir) + ("" if screen == "header" else f":{screen}")
     candidates = _index_paths(data_dir, image_root, cache_dir)
     index = _load_index(key, candidates)
     if index is None:

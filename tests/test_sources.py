@@ -132,6 +132,27 @@ def test_screen_file(tree, tmp_path):
     assert set(BROKEN_REASONS.values()) == set(tree["broken"].values())
 
 
+def test_decode_check_finds_corrupt_files_the_header_check_keeps(tree, capsys):
+    # JPEG signature and end marker, garbage between: passes the header check, fails to decode.
+    class_dir = os.path.join(tree["image_root"], "train", tree["class_ids"][0])
+    corrupt = os.path.join(class_dir, "corrupt.JPEG")
+    with open(corrupt, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9")
+    assert sources.screen_file(corrupt) == ""
+    assert sources.screen_file(corrupt, decode=True).startswith("cannot be decoded: ")
+
+    header = load_source("imagenet", tree["root"])
+    assert corrupt in header.train.files.tolist()
+    decoded = load_source("imagenet", tree["root"], screen="decode")  # its own cached index
+    assert corrupt not in decoded.train.files.tolist()
+    assert dict(decoded.skipped)[corrupt].startswith("cannot be decoded")
+    # Every readable image, CMYK and PNG-named-.JPEG included, survives the decode check.
+    assert _as_dict(decoded.train) == tree["train"] and _as_dict(decoded.val) == tree["val"]
+    assert "decoding train images" in capsys.readouterr().err  # progress
+    with pytest.raises(ValueError, match="screen='full'; valid: header, decode, none"):
+        load_source("imagenet", tree["root"], screen="full")
+
+
 def test_write_skipped_report(tree, tmp_path):
     src = load_source("imagenet", tree["root"])
     path = sources.write_skipped_report(src, str(tmp_path / "model"))
