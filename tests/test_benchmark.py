@@ -46,3 +46,24 @@ def test_bad_setting_is_a_one_line_usage_error():
     done = run_benchmark("--precision=float64", timeout=120)
     assert done.returncode != 0
     assert "--precision='float64'; valid: auto, float32" in done.stderr
+
+
+def test_input_pipeline_benchmark_on_generated_jpegs(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "pipelines.benchmark", *args],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+
+    done = run(f"--data_dir={tmp_path / 'jpegs'}", "--fake_images=24", "--batch_size=8",
+               "--image_size=32", "--passes=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("24 images, batch 8, size 32"), lines
+    rates = [float(m.group(1)) for line in lines
+             for m in [re.search(rf"{NUMBER} images/s", line)] if m]
+    assert len(rates) == 2 and all(r > 0 for r in rates), lines  # decode only, keras
+    last = re.fullmatch(rf"images/s: {NUMBER}", lines[-1])
+    assert last and float(last.group(1)) > 0, lines[-1]
+    assert re.search(r"train pipeline: [0-9.]+x decode only, [0-9.]+x keras", done.stdout)
+
+    missing = run(f"--data_dir={tmp_path / 'nothing'}")
+    assert missing.returncode == 2 and "--fake_images=2000" in missing.stderr
