@@ -258,6 +258,16 @@ def _callbacks(model_dir, writer, checkpoint_cb, throughput):
     return callbacks
 
 
+class _StopAfterEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch >= self.epoch:
+            self.model.stop_training = True
+
+
 def _verbose(config):
     return "auto" if config.verbose == "auto" else int(config.verbose)
 
@@ -348,16 +358,18 @@ def train_and_evaluate(config):
                 train_ds, val_ds = _datasets(config, source, num_classes, strategy,
                                              steps_per_epoch, first_epoch, skip, num_epochs)
                 checkpoint_cb.step_offset = skip
+                # epochs=config.epochs in both calls, so the log says "Epoch 2/90", not "2/2";
+                # the call for the rest of an epoch stops after it.
+                stop_after = [_StopAfterEpoch(first_epoch)] if skip else []
                 model.fit(
                     train_ds,
-                    epochs=first_epoch + num_epochs,
+                    epochs=config.epochs,
                     initial_epoch=first_epoch,
-                    steps_per_epoch=steps_per_epoch - skip if num_epochs == 1 and skip else
-                    steps_per_epoch,
+                    steps_per_epoch=steps_per_epoch - skip if skip else steps_per_epoch,
                     # No validation_steps: Keras then makes a fresh pass over the (finite)
                     # validation set each epoch instead of continuing one exhausted iterator.
                     validation_data=val_ds,
-                    callbacks=callbacks,
+                    callbacks=callbacks + stop_after,
                     verbose=_verbose(config),
                     shuffle=False,  # the pipeline shuffles, per epoch and resumably
                 )

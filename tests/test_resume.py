@@ -144,6 +144,9 @@ def test_kill_during_checkpoint_write_keeps_previous(data_dir, uninterrupted, tm
     assert latest_step(run_dir) == 4  # the torn 5th save is not in the index
     resumed = run_to_end(args)
     assert "Resuming at epoch 1/2, step 4/7" in resumed.stdout
+    # Keras's epoch header counts the run's epochs, also for the rest of an interrupted epoch.
+    assert "Epoch 1/2" in resumed.stdout + resumed.stderr, resumed.stdout[-2000:]
+    assert "Epoch 1/1" not in resumed.stdout + resumed.stderr
     assert_same_run(run_dir, uninterrupted)
 
 
