@@ -164,8 +164,11 @@ def _check_extraction_finished(directory: str) -> None:
 
 def _find_layout(root: str) -> tuple[str, str | None, str]:
     """Returns (image_root holding train/ and val/, directory of LOC_* files or None, layout)."""
-    # data_dir may be the Kaggle root, ILSVRC/Data/CLS-LOC itself, or an ImageFolder root.
-    for image_root in (os.path.join(root, KAGGLE_IMAGE_ROOT), root):
+    # data_dir may be the Kaggle root, any folder on the way to ILSVRC/Data/CLS-LOC (that one
+    # included), or an ImageFolder root.
+    parts = KAGGLE_IMAGE_ROOT.split(os.sep)
+    candidates = [os.path.join(root, *parts[i:]) for i in range(len(parts))] + [root]
+    for image_root in candidates:
         if os.path.isdir(os.path.join(image_root, "train")) or os.path.isdir(
                 os.path.join(image_root, "val")):
             break

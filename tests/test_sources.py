@@ -39,10 +39,13 @@ def test_kaggle_layout_labels_classes_and_broken_files(tree):
     assert "train 14" in src.summary() and "left out 3 files" in src.summary()
 
 
-def test_data_dir_may_be_cls_loc_itself(tree):
-    src = load_source("imagenet", tree["image_root"])
-    assert src.class_names == tree["class_names"]       # LOC files found three levels up
-    assert _as_dict(src.val) == tree["val"]
+def test_data_dir_may_be_any_level_down_to_cls_loc(tree):
+    for level in ("ILSVRC", os.path.join("ILSVRC", "Data"), os.path.join("ILSVRC", "Data",
+                                                                         "CLS-LOC")):
+        src = load_source("imagenet", os.path.join(tree["root"], level))
+        assert src.root == tree["image_root"], level
+        assert src.class_names == tree["class_names"]       # LOC files found at the Kaggle root
+        assert _as_dict(src.val) == tree["val"]
 
 
 def test_imagefolder_layout_after_valprep(tree, tmp_path):
