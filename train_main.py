@@ -60,7 +60,11 @@ HELP = {
     "checkpoint_every_steps": "Save a resumable checkpoint every N steps (0: only per epoch).",
     "checkpoint_every_secs": "Also save when this many seconds passed since the last save (0: off).",
     "keep_checkpoints": "How many recent checkpoints to keep.",
-    "verbose": "Keras progress output: auto, 0, 1 (progress bar) or 2 (one line per epoch).",
+    "verbose": "Progress output: auto (Keras's bar on a terminal; in a log file a line every "
+               "--progress_every_secs and one per epoch), 0, 1 (Keras's bar) or 2 (a line per "
+               "epoch).",
+    "progress_every_secs": "With --verbose=auto and no terminal: seconds between progress lines "
+                           "(0: one line per epoch only).",
     "summary": "Print the model summary, parameter counts, MACs and a memory estimate, then exit.",
     "gpu_memory_gib": "Accelerator memory for the largest-batch estimate of --summary.",
 }

@@ -64,6 +64,7 @@ class Config:
     checkpoint_every_secs: float = 0.0  # 0: off; else also save when this much time has passed
     keep_checkpoints: int = 3
     verbose: str = "auto"  # Keras fit verbosity: "auto", "1" (progress bar), "2" (line per epoch)
+    progress_every_secs: float = 60.0  # --verbose=auto without a terminal: a line this often
     # Inspection (--summary).
     summary: bool = False
     gpu_memory_gib: float = 80.0
@@ -154,6 +155,8 @@ class Config:
               f"--verbose={self.verbose!r}; valid: auto, 0, 1, 2.")
         check(not self.tf_data_service or self.tf_data_service.startswith(("grpc://", "grpc+")),
               f"--tf_data_service={self.tf_data_service!r}; use grpc://HOST:PORT.")
+        check(self.progress_every_secs >= 0,
+              f"--progress_every_secs={self.progress_every_secs}; use >= 0 (0: per epoch only).")
         check(self.gpu_memory_gib > 0, f"--gpu_memory_gib={self.gpu_memory_gib}; use > 0.")
         return self
 

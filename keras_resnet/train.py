@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import signal
+import sys
 import time
 import warnings
 
@@ -130,6 +131,47 @@ class ThroughputLogger(keras.callbacks.Callback):
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         logging.info("Epoch %d: %.1f images/s, learning rate %.5f", epoch + 1, rate,
                      logs["learning_rate"])
+
+
+class ProgressLog(keras.callbacks.Callback):
+    """Progress for output that is not a terminal (a log file, a batch job), where Keras's bar
+    would print a line per step: a line every `every_secs` seconds and one per epoch."""
+
+    def __init__(self, steps_per_epoch, epochs, global_batch_size, every_secs):
+        super().__init__()
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.global_batch_size, self.every_secs = global_batch_size, every_secs
+        self.step_offset = 0  # steps of the epoch done before this fit call (a resumed epoch)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._done = epoch, 0
+        self._start = self._last = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._done = batch + 1
+        now = time.monotonic()
+        if not self.every_secs or now - self._last < self.every_secs:
+            return
+        self._last = now
+        step, elapsed = self.step_offset + self._done, now - self._start
+        eta = (self.steps_per_epoch - step) * elapsed / self._done
+        print(f"epoch {self._epoch + 1}/{self.epochs} step {step}/{self.steps_per_epoch} "
+              f"{_metrics(logs)}, {self._done * self.global_batch_size / elapsed:.1f} images/s, "
+              f"epoch ends in {_duration(eta)}", flush=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        print(f"epoch {epoch + 1}/{self.epochs} done in "
+              f"{_duration(time.monotonic() - self._start)}: {_metrics(logs)}", flush=True)
+
+
+def _metrics(logs):
+    return " ".join(f"{k} {float(v):.4g}" for k, v in (logs or {}).items() if np.size(v) == 1)
+
+
+def _duration(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
 def _load_data(config):
@@ -268,8 +310,15 @@ class _StopAfterEpoch(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def _verbose(config):
-    return "auto" if config.verbose == "auto" else int(config.verbose)
+def _progress(config, steps_per_epoch):
+    """(Keras fit verbosity, extra callbacks): with --verbose=auto, Keras's bar on a terminal,
+    else ProgressLog's lines (Keras would print a bar line per step into a file)."""
+    if config.verbose != "auto":
+        return int(config.verbose), []
+    if sys.stdout.isatty():
+        return 1, []
+    return 0, [ProgressLog(steps_per_epoch, config.epochs, config.batch_size,
+                           config.progress_every_secs)]
 
 
 def train_and_evaluate(config):
@@ -344,6 +393,7 @@ def train_and_evaluate(config):
             model_dir, stop, write=writer,
             agree=multi_worker.any_worker(strategy) if multi else None)
         callbacks = _callbacks(model_dir, writer, checkpoint_cb, throughput)
+        verbose, progress = _progress(config, steps_per_epoch)
         if multi:  # first: later callbacks see averaged BN stats
             callbacks.insert(0, multi_worker.SyncWorkers())
         # Two fit calls at most: the rest of an interrupted epoch, then the remaining epochs.
@@ -361,6 +411,8 @@ def train_and_evaluate(config):
                 # epochs=config.epochs in both calls, so the log says "Epoch 2/90", not "2/2";
                 # the call for the rest of an epoch stops after it.
                 stop_after = [_StopAfterEpoch(first_epoch)] if skip else []
+                for callback in progress:
+                    callback.step_offset = skip
                 model.fit(
                     train_ds,
                     epochs=config.epochs,
@@ -369,8 +421,8 @@ def train_and_evaluate(config):
                     # No validation_steps: Keras then makes a fresh pass over the (finite)
                     # validation set each epoch instead of continuing one exhausted iterator.
                     validation_data=val_ds,
-                    callbacks=callbacks + stop_after,
-                    verbose=_verbose(config),
+                    callbacks=callbacks + progress + stop_after,
+                    verbose=verbose,
                     shuffle=False,  # the pipeline shuffles, per epoch and resumably
                 )
         except ckpt_lib.TrainingInterrupted as e:

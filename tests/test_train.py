@@ -332,3 +332,19 @@ def test_xla_train_step_with_float16_loss_scaling():
     unchanged = [w.path for b, w in zip(before, model.trainable_weights, strict=True)
                  if np.array_equal(b, w.numpy())]
     assert not unchanged
+
+
+def test_log_file_gets_progress_lines_not_a_progress_bar(tmp_path):
+    """stdout is a pipe here, as in a log file: no per-step bar with escape codes."""
+    result = run_main("--dataset=synthetic", "--depth=18", "--image_size=32", "--batch_size=2",
+                      "--epochs=2", "--steps_per_epoch=3", "--mixed_precision=float32",
+                      "--export=false", "--progress_every_secs=0.000001",
+                      f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for epoch in (1, 2):
+        for step in (1, 2, 3):
+            line = next(x for x in lines if x.startswith(f"epoch {epoch}/2 step {step}/3 "))
+            assert "loss " in line and "images/s, epoch ends in 0:00:" in line, line
+        assert any(x.startswith(f"epoch {epoch}/2 done in 0:") and "top1" in x for x in lines)
+    assert "\x1b[" not in result.stdout and "\b" not in result.stdout
