@@ -167,17 +167,32 @@ def test_saved_model_serves_bytes_without_the_project(model, images, exported, t
                                                                 run.stderr[-3000:])
 
 
+SAVED_MODEL_CLI = Path(sys.executable).with_name("saved_model_cli")  # installed by tensorflow
+
+
 def test_saved_model_cli_lists_both_signatures(exported):
-    cli = Path(sys.executable).with_name("saved_model_cli")
-    if not cli.exists():
-        pytest.skip("saved_model_cli is not installed next to this Python")
-    run = subprocess.run([str(cli), "show", "--dir", str(exported[1]), "--all"], env=_env(),
+    run = subprocess.run([str(SAVED_MODEL_CLI), "show", "--dir", str(exported[1]), "--all"],
+                         env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     for text in ("signature_def['serving_default']", "signature_def['serve_images']",
                  "inputs['image_bytes']", "DT_STRING", "inputs['images']", "DT_UINT8",
                  "outputs['probabilities']", "outputs['names']"):
         assert text in run.stdout, f"{text} missing from:\n{run.stdout}"
+
+
+def test_saved_model_cli_runs_on_raw_jpeg_bytes(model, exported, images, tmp_path):
+    """The README's recipe: the file's bytes in a .npy, fed to `saved_model_cli run`."""
+    data = images["a.jpg"].read_bytes()
+    np.save(tmp_path / "a.npy", np.array([data]))
+    run = subprocess.run([str(SAVED_MODEL_CLI), "run", "--dir", str(exported[1]), "--tag_set",
+                          "serve", "--signature_def", "serving_default", "--inputs",
+                          f"image_bytes={tmp_path / 'a.npy'}"],
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    names = run.stdout.split("Result for output key names:")[1].split("Result for")[0]
+    top = int(np.argmax(_expected(model, [images["a.jpg"]])[0]))
+    assert re.findall(r"b'([^']*)'", names)[0] == CLASS_NAMES[top], run.stdout
 
 
 def test_export_command_adds_a_version_and_ignores_stale_temp_dirs(exported, model_dir,
