@@ -179,7 +179,7 @@ def _build_project(setting, strategy):
     with strategy.scope():
         model = train.make_model(config, NUM_CLASSES)
         train._compile(model, config, NUM_CLASSES, config.steps_per_epoch)
-    dataset, _ = train._datasets(config, None, NUM_CLASSES, strategy, config.steps_per_epoch,
+    dataset, _, _ = train._datasets(config, None, NUM_CLASSES, strategy, config.steps_per_epoch,
                                  start_epoch=0, skip_steps=0, num_epochs=1)
     return model, dataset
 

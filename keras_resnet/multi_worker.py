@@ -216,7 +216,8 @@ def weights_fingerprint(model):
 
 
 class SyncWorkers(keras.callbacks.Callback):
-    """Averages BatchNorm statistics across workers before validation and at each epoch end.
+    """Averages BatchNorm statistics across replicas (the GPUs of a MirroredStrategy, the workers
+    of a MultiWorkerMirroredStrategy) before validation and at each epoch end.
 
     Place it first in the callback list, so later `on_epoch_end` callbacks (checkpoints, the best
     model) see the averaged values. Every worker must run it (it is a collective operation).
@@ -249,6 +250,8 @@ class SyncWorkers(keras.callbacks.Callback):
         self._sync()
 
     def on_train_end(self, logs=None):
+        if not in_multi_worker_mode(self.model.distribute_strategy):
+            return
         logging.info("Task %s weights fingerprint: %s", cluster_tasks()[1],
                      weights_fingerprint(self.model))
 

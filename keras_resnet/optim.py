@@ -51,8 +51,11 @@ class SparseCrossentropy(keras.losses.Loss):
     """Cross-entropy on integer labels with label smoothing (Keras's sparse loss has none)."""
 
     def __init__(self, num_classes, label_smoothing=0.0, from_logits=False, name="crossentropy",
-                 **kwargs):
-        super().__init__(name=name, **kwargs)
+                 reduction="mean_with_sample_weight", **kwargs):
+        # The mean over the weighted examples: the weight-0 padding of multi-replica evaluation
+        # (pipelines.dataset.build_eval_dataset) does not lower the loss. Without weights, as in
+        # training, it is the plain batch mean.
+        super().__init__(name=name, reduction=reduction, **kwargs)
         self.num_classes = int(num_classes)
         self.label_smoothing = float(label_smoothing)
         self.from_logits = bool(from_logits)

@@ -93,8 +93,10 @@ def _compile(model, config, num_classes, steps_per_epoch):
     model.compile(
         optimizer=optimizer,
         loss=SparseCrossentropy(num_classes, label_smoothing=config.label_smoothing),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                 keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")],
+        # Weighted: the weight-0 padding of multi-replica evaluation does not count (Keras
+        # ignores sample weights in `metrics`). Training has no weights: plain accuracy.
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                          keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")],
         jit_compile=jit,
     )
     return model.optimizer  # LossScaleOptimizer under mixed_float16
@@ -246,7 +248,8 @@ def _train_cache(config, source):
 
 def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoch, skip_steps,
               num_epochs):
-    """Distributed train dataset for epochs [start_epoch, start_epoch + num_epochs), and val."""
+    """Distributed train dataset for epochs [start_epoch, start_epoch + num_epochs), val, and the
+    validation steps to pass to `fit` (None: a pass until the end of val)."""
     from pipelines import dataset as ds_lib
 
     if source is None:
@@ -254,7 +257,7 @@ def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoc
             return ds_lib.synthetic_dataset(
                 batch_size=ctx.get_per_replica_batch_size(config.batch_size),
                 image_size=config.image_size, num_classes=num_classes, seed=config.seed)
-        return strategy.distribute_datasets_from_function(train_fn), None
+        return strategy.distribute_datasets_from_function(train_fn), None, None
 
     train_cache = _train_cache(config, source)
 
@@ -267,16 +270,27 @@ def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoc
             max_steps_per_epoch=steps_per_epoch)
 
     train = strategy.distribute_datasets_from_function(train_fn)
-    val = None
+    val = val_steps = None
     if source.val is not None and source.val.num_examples:
+        several = strategy.num_replicas_in_sync > 1
+        if several:
+            # build_eval_dataset pads a pass to whole global steps. Keras is told their number
+            # and reads the pass repeated, one pass per epoch: its own end-of-data handling of a
+            # distributed dataset under MirroredStrategy miscounts the last step.
+            val_steps = config.validation_steps or ds_lib.eval_steps(source.val.num_examples,
+                                                                     config.batch_size)
+
         def val_fn(ctx):
             val = ds_lib.build_eval_dataset(
                 source.val, global_batch_size=config.batch_size, image_size=config.image_size,
                 input_context=ctx,
                 cache=_cache_for(config.cache, ctx, source.val, "val", config.image_size))
+            if several:  # elements are per-replica batches; a step takes one per local replica
+                local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+                return val.take(val_steps * local).repeat()
             return val.take(config.validation_steps) if config.validation_steps else val
         val = strategy.distribute_datasets_from_function(val_fn)
-    return train, val
+    return train, val, val_steps
 
 
 def _steps_per_epoch(config, source):
@@ -394,7 +408,9 @@ def train_and_evaluate(config):
             agree=multi_worker.any_worker(strategy) if multi else None)
         callbacks = _callbacks(model_dir, writer, checkpoint_cb, throughput)
         verbose, progress = _progress(config, steps_per_epoch)
-        if multi:  # first: later callbacks see averaged BN stats
+        if strategy.num_replicas_in_sync > 1:  # first: later callbacks see averaged BN stats
+            from keras_resnet import multi_worker
+
             callbacks.insert(0, multi_worker.SyncWorkers())
         # Two fit calls at most: the rest of an interrupted epoch, then the remaining epochs.
         segments = []
@@ -405,8 +421,9 @@ def train_and_evaluate(config):
             segments.append((start_epoch, config.epochs - start_epoch, 0))
         try:
             for first_epoch, num_epochs, skip in segments:
-                train_ds, val_ds = _datasets(config, source, num_classes, strategy,
-                                             steps_per_epoch, first_epoch, skip, num_epochs)
+                train_ds, val_ds, val_steps = _datasets(
+                    config, source, num_classes, strategy, steps_per_epoch, first_epoch, skip,
+                    num_epochs)
                 checkpoint_cb.step_offset = skip
                 # epochs=config.epochs in both calls, so the log says "Epoch 2/90", not "2/2";
                 # the call for the rest of an epoch stops after it.
@@ -421,6 +438,7 @@ def train_and_evaluate(config):
                     # No validation_steps: Keras then makes a fresh pass over the (finite)
                     # validation set each epoch instead of continuing one exhausted iterator.
                     validation_data=val_ds,
+                    validation_steps=val_steps,
                     callbacks=callbacks + progress + stop_after,
                     verbose=verbose,
                     shuffle=False,  # the pipeline shuffles, per epoch and resumably

@@ -239,11 +239,20 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     return ds.with_options(_options(deterministic, sharded=input_context is not None))
 
 
+def eval_steps(num_examples: int, global_batch_size: int) -> int:
+    """Global steps of an evaluation pass (the last one partial)."""
+    return math.ceil(num_examples / global_batch_size)
+
+
 def build_eval_dataset(split, *, global_batch_size: int, image_size: int, input_context=None,
                        cache=None) -> tf.data.Dataset:
     """Resized, center-cropped batches in file order; the last partial batch is kept.
 
     With input_context, pipeline i evaluates examples i, i + n, i + 2n, ... (n pipelines).
+    With several replicas in sync, elements are (images, labels, weights): every pipeline is
+    padded with weight-0 blank images to ceil(num_examples / global_batch_size) full steps, so no
+    replica gets an empty batch (oneDNN's convolution breaks on one) and every worker runs the
+    same number of steps; weighted metrics stay exact.
     cache: None, "memory" or a file path; caches the preprocessed uint8 images, so later
     evaluations skip decoding. An unreadable file is logged and left out.
     """
@@ -261,7 +270,17 @@ def build_eval_dataset(split, *, global_batch_size: int, image_size: int, input_
     ds = ds.ignore_errors(log_warning=True)
     if cache:
         ds = ds.cache("" if cache == "memory" else cache)
-    ds = ds.batch(batch_size).prefetch(AUTOTUNE)
+    if input_context is not None and input_context.num_replicas_in_sync > 1:
+        steps = eval_steps(split.num_examples, global_batch_size)
+        blank = (tf.zeros([image_size, image_size, 3], tf.uint8), tf.constant(0, tf.int64),
+                 tf.constant(0.0))
+        ds = ds.map(lambda x, y: (x, y, tf.constant(1.0)))
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat())
+        ds = ds.take(steps * global_batch_size // num_pipelines)
+        ds = ds.batch(batch_size, drop_remainder=True)
+    else:
+        ds = ds.batch(batch_size)
+    ds = ds.prefetch(AUTOTUNE)
     return ds.with_options(_options(True, sharded=input_context is not None))
 
 

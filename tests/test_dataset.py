@@ -156,15 +156,21 @@ def test_cache_gives_the_same_batches(split, tmp_path):
                                   np.concatenate([x.numpy() for x, _ in evals[1]]))
 
 
-def test_eval_keeps_file_order_and_the_last_partial_batch(split):
+def test_eval_keeps_file_order_and_the_last_partial_batch_or_pads_it_for_replicas(split):
     batches = list(dataset.build_eval_dataset(split, global_batch_size=BATCH, image_size=SIZE))
     assert [int(y.shape[0]) for _, y in batches] == [4] * 5 + [2]
     np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.arange(NUM_FILES))
     ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,
                                      num_replicas_in_sync=2)
-    shard = dataset.build_eval_dataset(split, global_batch_size=BATCH, image_size=SIZE,
-                                       input_context=ctx)
-    np.testing.assert_array_equal(np.concatenate([y for _, y in shard]), np.arange(1, 22, 2))
+    shard = list(dataset.build_eval_dataset(split, global_batch_size=BATCH, image_size=SIZE,
+                                            input_context=ctx))
+    # Several replicas: every step full (ceil(22 / 4) = 6 steps of 2 per pipeline), the padding
+    # blank and weighted 0, so no replica gets an empty batch and weighted metrics stay exact.
+    assert [int(y.shape[0]) for _, y, _ in shard] == [2] * 6
+    labels = np.concatenate([y for _, y, _ in shard])
+    weights = np.concatenate([w for _, _, w in shard])
+    np.testing.assert_array_equal(labels[weights == 1], np.arange(1, 22, 2))
+    assert weights.tolist() == [1.0] * 11 + [0.0] and not shard[-1][0][1].numpy().any()
 
 
 def test_records_split_trains_exact_epochs(split):

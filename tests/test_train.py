@@ -1,6 +1,7 @@
 """train_main.py / train_and_evaluate: a real train+eval step, the demo learning, flag errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -348,3 +349,60 @@ def test_log_file_gets_progress_lines_not_a_progress_bar(tmp_path):
             assert "loss " in line and "images/s, epoch ends in 0:00:" in line, line
         assert any(x.startswith(f"epoch {epoch}/2 done in 0:") and "top1" in x for x in lines)
     assert "\x1b[" not in result.stdout and "\b" not in result.stdout
+
+
+MIRRORED_RUN = r"""
+import csv, json, os, sys
+import tensorflow as tf
+
+# Two replicas on one CPU, as MirroredStrategy makes them on two GPUs.
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+real = tf.distribute.MirroredStrategy
+tf.distribute.MirroredStrategy = lambda: real(["/cpu:0", "/cpu:1"])
+
+import keras
+from keras_resnet.config import Config
+from keras_resnet.train import train_and_evaluate
+from pipelines import dataset, sources
+
+data_dir, run = sys.argv[1:3]
+config = Config(dataset="imagenet", data_dir=data_dir, depth=18, image_size=32, batch_size=4,
+                epochs=2, steps_per_epoch=2, validation_steps=0, mixed_precision="float32",
+                distribution="mirrored", model_dir=run, export_dir=run + "/export", verbose="2",
+                checkpoint_every_steps=1)
+results = train_and_evaluate(config)
+history = list(csv.DictReader(open(os.path.join(run, "history.csv"))))
+# The final model, evaluated on one device over the unpadded validation set.
+model = keras.saving.load_model(os.path.join(run, "latest.keras"), compile=False)
+val = sources.load_source("imagenet", data_dir).val
+correct = total = 0
+for x, y in dataset.build_eval_dataset(val, global_batch_size=4, image_size=32):
+    correct += int(tf.reduce_sum(tf.cast(tf.argmax(model(x), -1) == y, tf.int32)))
+    total += int(y.shape[0])
+print("RESULT " + json.dumps({"results": results, "last_val_top1": float(history[-1]["val_top1"]),
+                              "single_device_top1": correct / total, "val_images": total}))
+"""
+
+
+def test_mirrored_strategy_trains_and_evaluates_every_image_exactly(tmp_path):
+    """Two replicas; 7 validation images do not fill the last global batch of 4."""
+    make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=4, val_per_class=2,
+                     image_size=40, broken=False)
+    val_dir = tmp_path / "imagenet" / "ILSVRC" / "Data" / "CLS-LOC" / "val"
+    first = sorted(val_dir.iterdir())[0]
+    extra = val_dir / "ILSVRC2012_val_00000099.JPEG"  # a 7th image, labelled like the first
+    extra.write_bytes(first.read_bytes())
+    solution = tmp_path / "imagenet" / "LOC_val_solution.csv"
+    row = next(r for r in solution.read_text().splitlines() if r.startswith(first.stem))
+    solution.write_text(solution.read_text() + row.replace(first.stem, extra.stem) + "\n")
+
+    done = subprocess.run([sys.executable, "-c", MIRRORED_RUN, str(tmp_path / "imagenet"),
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert out["results"]["replicas"] == 2 and out["results"]["global_step"] == 4
+    assert out["val_images"] == 7 and math.isfinite(out["results"]["val_loss"])
+    # Padding gave the replicas full batches, and its zero weights kept accuracy exact.
+    assert out["last_val_top1"] == pytest.approx(out["single_device_top1"], abs=1e-6)
