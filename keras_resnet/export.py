@@ -172,11 +172,9 @@ def _build_archive(model, image_size, class_ids, class_names):
         # does not say which image of the batch it came from.
         is_image = tf.reduce_any([preprocessing.has_format(data, k) for k in formats.SIGNATURES])
         check_format = tf.debugging.Assert(is_image, [tf.strings.format(
-            f"image_bytes[{{}}] is not a {formats.NAMES} image ({{}} bytes)",
-            (index, tf.strings.length(data)))])
+            "image_bytes[{}] is " + formats.NOT_AN_IMAGE, (index, tf.strings.length(data)))])
         check_end = tf.debugging.Assert(_has_end_marker(data), [tf.strings.format(
-            "image_bytes[{}] is a truncated image ({} bytes, no end marker); send the whole file",
-            (index, tf.strings.length(data)))])
+            "image_bytes[{}] is " + formats.TRUNCATED, (index, tf.strings.length(data)))])
         with tf.control_dependencies([check_format, check_end]):
             # Strict: a truncated JPEG that still holds an end marker (an embedded thumbnail's)
             # fails in the decoder instead of being scored with its missing rows grey.

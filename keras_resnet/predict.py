@@ -58,11 +58,9 @@ def load_predictor(path, image_size=None):
 def _check_image_bytes(data):
     kind = formats.image_format(data[:formats.HEADER_BYTES])
     if kind is None:
-        raise tf.errors.InvalidArgumentError(
-            None, None, f"not a {formats.NAMES} image ({len(data)} bytes)")
+        raise tf.errors.InvalidArgumentError(None, None, formats.NOT_AN_IMAGE.format(len(data)))
     if kind in formats.END_MARKERS and formats.END_MARKERS[kind] not in data:
-        raise tf.errors.InvalidArgumentError(
-            None, None, f"a truncated image ({len(data)} bytes, no end marker); send the whole file")
+        raise tf.errors.InvalidArgumentError(None, None, formats.TRUNCATED.format(len(data)))
 
 
 def _error_line(e):

@@ -16,6 +16,9 @@ HEADER_BYTES = 12  # enough to tell every format above
 # Bytes that a whole file of the format contains at or near its end.
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 NAMES = ", ".join(list(SIGNATURES)[:-1]) + " or " + list(SIGNATURES)[-1]
+# What a client is told of bad bytes ("{}": their length), by serving and by predict.
+NOT_AN_IMAGE = f"not a {NAMES} image ({{}} bytes)"
+TRUNCATED = "a truncated image ({} bytes, no end marker); send the whole file"
 # The per-file checks made when a folder dataset is indexed (pipelines.sources.load_source).
 SCREENS = ("header", "decode", "none")
 
