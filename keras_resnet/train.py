@@ -398,9 +398,9 @@ def train_and_evaluate(config):
               f"{start_step}/{steps_per_epoch}.", flush=True)
 
     throughput = ThroughputLogger(config.batch_size)
+    from keras_resnet import multi_worker  # replica BatchNorm sync; multi-worker agreement
+
     multi = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    if multi:
-        from keras_resnet import multi_worker
     with ckpt_lib.StopRequest() as stop:
         checkpoint_cb = ckpt_lib.CheckpointCallback(
             ckpt, steps_per_epoch, config.checkpoint_every_steps, config.checkpoint_every_secs,
@@ -409,8 +409,6 @@ def train_and_evaluate(config):
         callbacks = _callbacks(model_dir, writer, checkpoint_cb, throughput)
         verbose, progress = _progress(config, steps_per_epoch)
         if strategy.num_replicas_in_sync > 1:  # first: later callbacks see averaged BN stats
-            from keras_resnet import multi_worker
-
             callbacks.insert(0, multi_worker.SyncWorkers())
         # Two fit calls at most: the rest of an interrupted epoch, then the remaining epochs.
         segments = []
