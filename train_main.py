@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ INFO
 
 from absl import app, flags  # noqa: E402
 
-from keras_resnet.config import Config  # noqa: E402  (no TensorFlow import)
+from keras_resnet.training.config import Config  # noqa: E402  (no TensorFlow import)
 
 HELP = {
     "depth": "ResNet depth: 18, 34, 50, 101 or 152.",
@@ -111,7 +111,9 @@ def main(argv):
     except ValueError as e:
         return _fail(e)
 
-    from keras_resnet import train  # heavy import (TensorFlow) after flags are checked
+    from keras_resnet.training import (
+        run as train,  # heavy import (TensorFlow) after flags are checked
+    )
 
     quiet = _QuietLibraries()
     py_logging.getLogger("tensorflow").addFilter(quiet)

@@ -11,7 +11,7 @@ __all__ = ["DEPTHS", "STAGES", "build_resnet", "ResNet18", "ResNet34", "ResNet50
 
 def __getattr__(name):
     if name in __all__:
-        from keras_resnet import model
+        from keras_resnet.model import resnet as model
 
         return getattr(model, name)
     raise AttributeError(f"module 'keras_resnet' has no attribute {name!r}")

@@ -98,7 +98,7 @@ def _baseline_name(depth):
 
 def settings_from_flags():
     """The grid of settings (project model), then the baseline; validated against the choices."""
-    from keras_resnet.model import DEPTHS
+    from keras_resnet.model.resnet import DEPTHS
 
     if FLAGS.depth not in DEPTHS:
         raise app.UsageError(f"--depth={FLAGS.depth}; valid: {', '.join(map(str, DEPTHS))}.")
@@ -167,8 +167,8 @@ def peak_tflops(policy, gpu_name):
 
 def _build_project(setting, strategy):
     """The model, compiled, and its dataset, exactly as `train.train_and_evaluate` makes them."""
-    from keras_resnet import train
-    from keras_resnet.config import Config
+    from keras_resnet.training import run as train
+    from keras_resnet.training.config import Config
 
     config = Config(depth=FLAGS.depth, image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
                     dataset="synthetic", epochs=1,
@@ -236,7 +236,8 @@ def run_setting(setting):
     import keras
     import tensorflow as tf
 
-    from keras_resnet import distribute, stats
+    from keras_resnet.model import stats
+    from keras_resnet.training import distribute
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import shutil
@@ -25,8 +24,8 @@ import zipfile
 
 from absl import app, flags
 
-from keras_resnet.files import write_json_atomic
-from pipelines.sources import EXTRACTING_MARKER, KAGGLE_IMAGE_ROOT, SYNSET_MAPPING, VAL_SOLUTION
+from keras_resnet.files import atomic_path, read_json, write_json_atomic
+from pipelines.layout import EXTRACTING_MARKER, KAGGLE_IMAGE_ROOT, SYNSET_MAPPING, VAL_SOLUTION
 
 COMPETITION = "imagenet-object-localization-challenge"
 # Bytes to plan with: (archive, extracted tree). JPEGs barely compress, so they are about equal.
@@ -71,7 +70,7 @@ def fetch(data_dir: str, *, archive: str | None = None, competition: str = COMPE
     """
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
     os.makedirs(data_dir, exist_ok=True)
-    done = _read_json(os.path.join(data_dir, DONE_MARKER))
+    done = read_json(os.path.join(data_dir, DONE_MARKER))
     if done is not None and not os.path.exists(os.path.join(data_dir, EXTRACTING_MARKER)):
         log(f"{data_dir} is already extracted and verified (delete {DONE_MARKER} to redo).")
         return done
@@ -353,14 +352,10 @@ def _complete(path, size) -> bool:
 
 def _write_atomic(src, target, archive, name) -> None:
     """Copies to a hidden temp file and renames: an existing target is always complete."""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(target), "." + os.path.basename(target) + ".partial")
     try:
-        with open(tmp, "wb") as out:
+        with atomic_path(target) as tmp, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, COPY_CHUNK)
-        os.replace(tmp, target)
     except zipfile.BadZipFile as e:     # zipfile checks each entry's CRC as it reads
-        os.remove(tmp)
         raise DownloadError(f"{archive} is damaged at {name} ({e}): download it again") from None
 
 
@@ -430,14 +425,6 @@ def _count_images(directory) -> int:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         count += sum(1 for f in files if not f.startswith("."))
     return count
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _touch(path) -> None:

@@ -1,311 +1,71 @@
-"""Export a trained ResNet as a versioned SavedModel that serves raw JPEG/PNG bytes.
+"""Export a trained ResNet as a new SavedModel version for TF Serving.
 
     python -m keras_resnet.export --model_dir=runs/resnet50_imagenet --export_dir=saved_models/r50
     python -m keras_resnet.export --model=model.keras --export_dir=saved_models/r50
 
-Each export is a new integer version directory, `<export_dir>/<version>/`, as TF Serving expects.
-It is written to a hidden temporary directory and renamed into place only when complete, so a
-server watching `export_dir` never sees a half-written version and old versions are never touched.
-
-Signatures (both return the same outputs):
-  serving_default(image_bytes: string [N])        JPEG, PNG, GIF, BMP or WebP bytes, decoded and
-                                                   preprocessed exactly as the eval pipeline does.
-  serve_images(images: uint8 [N, H, W, 3])        decoded RGB images of any size, given the same
-                                                   eval preprocessing (resize the shorter side to
-                                                   image_size * 256/224, center crop).
-Outputs: probabilities float32 [N, C]; the top 5 as classes int64, scores float32, labels string
-(wnid / folder name) and names string (human-readable name, or the label when unknown).
-Class ids and names are constants inside the graph (and the `class_ids` / `class_names` variable
-collections), so the export is self-contained.
+The library is `keras_resnet.serving.export`; this module parses flags and calls it.
 """
 
-import argparse
-import json
 import os
-import re
-import shutil
 import sys
-import uuid
 
-import keras
-import tensorflow as tf
+from absl import flags
 
-# Registers the model's custom layer with Keras, so `.keras` checkpoints load without the model
-# module having been imported first.
-import keras_resnet.fused_batch_norm  # noqa: F401
-from keras_resnet.files import write_json_atomic
-from pipelines import formats, preprocessing
-
-TOP_K = 5
-_TMP_PREFIX = ".tmp-export-"
-_VERSION_RE = re.compile(r"^\d+$")
-CHECKPOINT_NAMES = ("best.keras", "latest.keras")
-CLASSES_JSON = "classes.json"
+from keras_resnet import cli
 
 
-# --- classes.json ------------------------------------------------------------------------------
-
-def write_classes_json(path, class_ids, class_names=None):
-    """Writes `{"class_ids": [...], "class_names": [...]}` (names default to the ids)."""
-    class_ids, class_names = _check_classes(class_ids, class_names)
-    write_json_atomic(path, {"class_ids": class_ids, "class_names": class_names})
-
-
-def read_classes_json(path):
-    """Returns (class_ids, class_names) from a file written by `write_classes_json`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return _check_classes(data["class_ids"], data.get("class_names"))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"Cannot read class list {path}: {e}. Expected JSON "
-                         '{"class_ids": [...], "class_names": [...]}.') from None
+def define_flags(values):
+    flags.DEFINE_string("model_dir", None, "Training directory: uses best.keras, else "
+                        "latest.keras, and classes.json from it.", flag_values=values)
+    flags.DEFINE_string("model", None, "A .keras file (instead of --model_dir).", flag_values=values)
+    flags.DEFINE_string("export_dir", None, "Base directory of the versions.", flag_values=values)
+    flags.DEFINE_string("classes", None, "classes.json (default: beside the model file).",
+                        flag_values=values)
+    flags.DEFINE_integer("image_size", None, "Eval crop size (default: the model's input size; "
+                         "required when the model input size is dynamic).", flag_values=values)
 
 
-def _check_classes(class_ids, class_names):
-    class_ids = [str(c) for c in class_ids]
-    class_names = class_ids if class_names is None else [str(n) for n in class_names]
-    if not class_ids or len(class_names) != len(class_ids):
-        raise ValueError(f"Need one name per class id. Received: {len(class_ids)} class_ids, "
-                         f"{len(class_names)} class_names.")
-    return class_ids, class_names
+def main(flag_values, args):
+    if bool(flag_values.model) == bool(flag_values.model_dir):
+        raise cli.UsageError("pass exactly one of --model=FILE.keras or --model_dir=DIR.")
+    if not flag_values.export_dir:
+        raise cli.UsageError("--export_dir is required, e.g. --export_dir=saved_models/r50.")
+    import keras
 
+    from keras_resnet.serving import export
 
-# --- versions ----------------------------------------------------------------------------------
-
-def list_versions(export_dir):
-    """Sorted integer versions under `export_dir` (complete exports only)."""
-    if not os.path.isdir(export_dir):
-        return []
-    return sorted(int(d) for d in os.listdir(export_dir)
-                  if _VERSION_RE.match(d) and os.path.isdir(os.path.join(export_dir, d)))
-
-
-def latest_version_dir(path):
-    """`path` if it is a SavedModel, else its highest version directory; None when neither."""
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        return path
-    versions = list_versions(path)
-    return os.path.join(path, str(versions[-1])) if versions else None
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temp_dirs(export_dir):
-    """Deletes temp dirs left by exports that died (their pid is gone) on this host."""
-    for d in os.listdir(export_dir):
-        m = re.match(re.escape(_TMP_PREFIX) + r"(\d+)-", d)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(export_dir, d), ignore_errors=True)
-
-
-# --- export ------------------------------------------------------------------------------------
-
-def probabilities_fn(model):
-    """The model's output as float32 probabilities (softmax applied when it ends in logits)."""
-    is_logits = model.layers[-1].name == "logits"
-
-    def fn(images):
-        out = tf.cast(model(tf.cast(images, model.inputs[0].dtype), training=False), tf.float32)
-        return tf.nn.softmax(out) if is_logits else out
-
-    return fn
-
-
-def _check_model(model, image_size):
-    if not any(layer.name == "normalize" for layer in model.layers):
-        raise ValueError("Export needs a model that takes uint8 RGB: build it with "
-                         "build_resnet(..., include_preprocessing=True).")
-    height, width = model.inputs[0].shape[1:3]
-    if (height, width) not in ((None, None), (image_size, image_size)):
-        raise ValueError(f"image_size={image_size} does not match the model input "
-                         f"{height}x{width}; pass image_size={height} (--image_size={height}).")
-
-
-def _has_end_marker(data):
-    """False for a JPEG without an end-of-image marker or a PNG without its IEND chunk.
-
-    Searches the whole string (not just its tail): valid files may carry trailing data (a motion
-    photo's video, for one) after the marker.
-    """
-    def contains(marker):
-        return lambda: tf.size(tf.strings.split(data, sep=marker)) > 1
-
-    return tf.case([(preprocessing.has_format(data, kind), contains(marker))
-                    for kind, marker in formats.END_MARKERS.items()],
-                   default=lambda: tf.constant(True))
-
-
-def _build_archive(model, image_size, class_ids, class_names):
-    image_spec = tf.TensorSpec([image_size, image_size, 3], tf.uint8)
-    probabilities = probabilities_fn(model)
-    ids = tf.constant(class_ids)
-    names = tf.constant(class_names)
-    k = min(TOP_K, len(class_ids))
-
-    def outputs(images):
-        def predict():
-            probs = probabilities(images)
-            scores, classes = tf.math.top_k(probs, k=k)
-            return {"probabilities": probs, "classes": tf.cast(classes, tf.int64),
-                    "scores": scores, "labels": tf.gather(ids, classes),
-                    "names": tf.gather(names, classes)}
-
-        def empty():  # oneDNN's convolution rejects a batch of zero images
-            return {"probabilities": tf.zeros([0, len(class_ids)]),
-                    "classes": tf.zeros([0, k], tf.int64), "scores": tf.zeros([0, k]),
-                    "labels": tf.zeros([0, k], tf.string), "names": tf.zeros([0, k], tf.string)}
-
-        return tf.cond(tf.shape(images)[0] > 0, predict, empty)
-
-    def preprocess_bytes(args):
-        data, index = args
-        # Clear InvalidArgumentErrors naming the bad element, instead of a decoder message that
-        # does not say which image of the batch it came from.
-        is_image = tf.reduce_any([preprocessing.has_format(data, k) for k in formats.SIGNATURES])
-        check_format = tf.debugging.Assert(is_image, [tf.strings.format(
-            "image_bytes[{}] is " + formats.NOT_AN_IMAGE, (index, tf.strings.length(data)))])
-        check_end = tf.debugging.Assert(_has_end_marker(data), [tf.strings.format(
-            "image_bytes[{}] is " + formats.TRUNCATED, (index, tf.strings.length(data)))])
-        with tf.control_dependencies([check_format, check_end]):
-            # Strict: a truncated JPEG that still holds an end marker (an embedded thumbnail's)
-            # fails in the decoder instead of being scored with its missing rows grey.
-            return preprocessing.preprocess_for_eval(tf.identity(data), image_size,
-                                                     recover_truncated=False)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serving_default(image_bytes):
-        indices = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
-        images = tf.map_fn(preprocess_bytes, (image_bytes, indices),
-                           fn_output_signature=image_spec)
-        return outputs(images)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-    def serve_images(images):
-        images = tf.map_fn(lambda image: preprocessing.center_crop_for_eval(image, image_size),
-                           images,
-                           fn_output_signature=image_spec)
-        return outputs(images)
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    for fn in (serving_default, serve_images):
-        fn.get_concrete_function()  # add_endpoint takes a tf.function once it is traced
-        archive.add_endpoint(fn.__name__, fn)
-    archive.add_variable_collection("class_ids", [tf.Variable(class_ids, trainable=False)])
-    archive.add_variable_collection("class_names", [tf.Variable(class_names, trainable=False)])
-    archive.add_variable_collection("image_size", [tf.Variable(image_size, trainable=False)])
-    return archive
-
-
-def export_saved_model(model, export_dir, *, image_size, class_ids, class_names=None):
-    """Writes `model` as SavedModel `<export_dir>/<max version + 1>/`; returns that path.
-
-    Args:
-      model: a Keras model built with `include_preprocessing=True` whose last layer is
-        `probabilities` (softmax) or `logits`; its input may be fixed at image_size or dynamic.
-      export_dir: base directory holding integer version directories (created if missing).
-      image_size: the eval crop size in pixels (as in `preprocess_for_eval`).
-      class_ids: class i's wnid / folder name; class_names: human-readable names (or None).
-    """
-    class_ids, class_names = _check_classes(class_ids, class_names)
-    num_classes = model.outputs[0].shape[-1]
-    if num_classes != len(class_ids):
-        raise ValueError(f"The model has {num_classes} classes but {len(class_ids)} class ids "
-                         "were given; pass the class list the model was trained with.")
-    _check_model(model, image_size)
-    os.makedirs(export_dir, exist_ok=True)
-    _remove_stale_temp_dirs(export_dir)
-
-    tmp = os.path.join(export_dir, f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        _build_archive(model, image_size, class_ids, class_names).write_out(tmp, verbose=False)
-        # The version is chosen when the export is complete, so versions keep completion order.
-        # rename() fails on an existing non-empty directory: then another export took that
-        # version in the meantime, and we take the next one.
-        for _ in range(100):
-            target = os.path.join(export_dir, str((list_versions(export_dir) or [0])[-1] + 1))
-            try:
-                if not os.path.exists(target):
-                    os.rename(tmp, target)
-                    return target
-            except OSError:
-                if not os.path.exists(target):
-                    raise
-        raise RuntimeError(f"Could not claim a new version directory in {export_dir}; "
-                           "is another process exporting there in a loop?")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --- command line ------------------------------------------------------------------------------
-
-def find_checkpoint(model_dir):
-    """`<model_dir>/best.keras`, else `<model_dir>/latest.keras`, else None."""
-    for name in CHECKPOINT_NAMES:
-        path = os.path.join(model_dir, name)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def load_classes_for(model_path, num_classes, classes_path=None):
-    """(class_ids, class_names): from `classes_path`, else classes.json beside the model file,
-    else the class indices as strings."""
-    classes_path = classes_path or os.path.join(os.path.dirname(model_path), CLASSES_JSON)
-    if os.path.isfile(classes_path):
-        return read_classes_json(classes_path)
-    print(f"warning: no {classes_path}; labelling classes 0..{num_classes - 1}.", file=sys.stderr)
-    ids = [str(i) for i in range(num_classes)]
-    return ids, ids
-
-
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="python -m keras_resnet.export",
-        description="Export a .keras checkpoint as a new SavedModel version for TF Serving.")
-    parser.add_argument("--model_dir", help="Training directory: uses best.keras, else "
-                        "latest.keras, and classes.json from it.")
-    parser.add_argument("--model", help="A .keras file (instead of --model_dir).")
-    parser.add_argument("--export_dir", required=True, help="Base directory of the versions.")
-    parser.add_argument("--classes", help="classes.json (default: beside the model file).")
-    parser.add_argument("--image_size", type=int, help="Eval crop size (default: the model's "
-                        "input size; required when the model input size is dynamic).")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = _parse_args(argv)
-    if bool(args.model) == bool(args.model_dir):
-        sys.exit("error: pass exactly one of --model=FILE.keras or --model_dir=DIR.")
-    path = args.model
-    if args.model_dir:
-        path = find_checkpoint(args.model_dir)
+    path = flag_values.model
+    if flag_values.model_dir:
+        path = export.find_checkpoint(flag_values.model_dir)
         if path is None:
-            sys.exit(f"error: no {' or '.join(CHECKPOINT_NAMES)} in {args.model_dir}; train "
-                     "first or pass --model=FILE.keras.")
+            return _fail(f"no {' or '.join(export.CHECKPOINT_NAMES)} in {flag_values.model_dir}; train "
+                         "first or pass --model=FILE.keras.")
     if not os.path.isfile(path):
-        sys.exit(f"error: model file {path} not found.")
+        return _fail(f"model file {path} not found.")
     try:
         model = keras.saving.load_model(path, compile=False)
-        image_size = args.image_size or model.inputs[0].shape[1]
+        image_size = flag_values.image_size or model.inputs[0].shape[1]
         if image_size is None:
-            sys.exit(f"error: {path} takes images of any size; pass --image_size.")
-        class_ids, class_names = load_classes_for(path, model.outputs[0].shape[-1], args.classes)
-        version_dir = export_saved_model(model, args.export_dir, image_size=image_size,
-                                         class_ids=class_ids, class_names=class_names)
+            return _fail(f"{path} takes images of any size; pass --image_size.")
+        class_ids, class_names = export.load_classes_for(path, model.outputs[0].shape[-1],
+                                                         flag_values.classes)
+        version_dir = export.export_saved_model(model, flag_values.export_dir, image_size=image_size,
+                                                class_ids=class_ids, class_names=class_names)
     except (ValueError, TypeError, OSError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0]}")
+        return _fail(str(e).splitlines()[0])
     print(version_dir)
+    return 0
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def run(argv=None):
+    """The command with `argv` (without the program name; default: sys.argv); exit status."""
+    return cli.run(define_flags, main, argv, prog="keras_resnet.export", doc=__doc__)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

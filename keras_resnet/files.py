@@ -1,21 +1,59 @@
-"""Small file helpers with no TensorFlow import (the download command uses them too)."""
+"""Atomic writes and stale-temp cleanup: the one place files reach their final name.
 
+Every file or directory a reader might pick up (checkpoints' side files, `best.keras`, JSON
+records, exports, the demo tree, the file index, extracted images) is written under a hidden
+temporary name in the target's own directory and renamed when complete, so a reader (or a run
+restarted after `kill -9`) sees the old file or the new one, never half of one. Temporary names
+are `.tmp-<pid>-<random>-<name>`; `remove_stale_temps` deletes those whose process is gone.
+
+No TensorFlow import: the download and the data sources use this module too.
+"""
+
+import contextlib
 import json
 import os
-import tempfile
+import re
+import shutil
+import uuid
+
+TMP_PREFIX = ".tmp-"
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-")
+
+
+def temp_name(path):
+    """A hidden temporary path beside `path` that keeps its name (and so its extension, which
+    Keras and matplotlib read to choose a format)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path to write `path` through (by any writer: `model.save`, `savefig`,
+    a copy); renames it onto `path` when the block ends without an exception, else removes it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes_atomic(path, data):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return path
 
 
 def write_json_atomic(path, data):
-    """Writes JSON to a temp file in the same directory, fsyncs, and renames it over `path`:
-    a reader (or a restart after a crash) never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """JSON (indented, sorted keys, UTF-8) written atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def read_json(path, default=None):
@@ -25,3 +63,66 @@ def read_json(path, default=None):
             return json.load(f)
     except FileNotFoundError:
         return default
+
+
+def make_temp_dir(parent, name=""):
+    """A new hidden temporary directory in `parent` (created), to be renamed into place by the
+    caller once complete (see `rename_dir_if_absent`)."""
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}")
+    os.mkdir(path)
+    return path
+
+
+def rename_dir_if_absent(tmp, target):
+    """Renames directory `tmp` to `target` unless `target` exists with content (another writer
+    won); an empty `target` is replaced. Returns True when `tmp` became `target`."""
+    with contextlib.suppress(OSError):
+        os.rmdir(target)  # only if empty
+    try:
+        os.rename(tmp, target)
+        return True
+    except OSError:
+        if not os.path.exists(target):
+            raise
+        return False
+
+
+def remove_stale_temps(directory):
+    """Deletes the temporary files and directories in `directory` whose writing process (by the
+    pid in their name) is gone on this host; a live writer's are left alone. Returns the count."""
+    removed = 0
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        m = _TMP_NAME.match(entry)
+        if not m or pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(directory, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed += 1
+    return removed
+
+
+def pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def _fsync_file(path):
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())

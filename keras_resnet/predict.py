@@ -6,98 +6,42 @@
 --model is a SavedModel version directory, an export base directory (its highest version is
 used), a .keras file (class names from the classes.json beside it), or a training directory
 (its best.keras, else latest.keras). Exits with status 1 if any image could not be read.
+The library is `keras_resnet.serving.predict`; this module parses flags and calls it.
 """
 
-import argparse
 import os
-import re
 import sys
 
-import keras
-import numpy as np
-import tensorflow as tf
+from absl import flags
 
-from keras_resnet import export
-from pipelines import formats
-from pipelines.preprocessing import preprocess_for_eval
+from keras_resnet import cli
 
 
-def load_predictor(path, image_size=None):
-    """Returns `predict(image_bytes) -> (scores, labels, names)`, the top 5 for one image."""
-    saved_model = export.latest_version_dir(path) if os.path.isdir(path) else None
-    if saved_model:
-        serve = tf.saved_model.load(saved_model).signatures["serving_default"]
-
-        def predict(image_bytes):
-            out = serve(image_bytes=tf.constant([image_bytes]))
-            return tuple(out[k][0].numpy() for k in ("scores", "labels", "names"))
-
-        return predict
-
-    checkpoint = export.find_checkpoint(path) if os.path.isdir(path) else path
-    if not checkpoint or not os.path.isfile(checkpoint):
-        raise ValueError(f"{path} is neither a SavedModel, an export directory with versions, "
-                         "a .keras file nor a directory with best.keras / latest.keras.")
-    model = keras.saving.load_model(checkpoint, compile=False)
-    image_size = image_size or model.inputs[0].shape[1] or 224
-    num_classes = model.outputs[0].shape[-1]
-    class_ids, class_names = export.load_classes_for(checkpoint, num_classes)
-    probabilities = export.probabilities_fn(model)
-    k = min(export.TOP_K, num_classes)
-
-    def predict(image_bytes):
-        _check_image_bytes(image_bytes)  # the checks the SavedModel makes, with the same words
-        pixels = preprocess_for_eval(image_bytes, image_size, recover_truncated=False)
-        probs = probabilities(pixels[None])[0].numpy()
-        top = np.argsort(-probs, kind="stable")[:k]
-        return probs[top], [class_ids[i] for i in top], [class_names[i] for i in top]
-
-    return predict
+def define_flags(values):
+    flags.DEFINE_string("model", None, "SavedModel (version or base directory), .keras file or "
+                        "model_dir.", flag_values=values)
+    flags.DEFINE_integer("image_size", None, "Eval crop size for a .keras model (default: its "
+                         "input size).", flag_values=values)
 
 
-def _check_image_bytes(data):
-    kind = formats.image_format(data[:formats.HEADER_BYTES])
-    if kind is None:
-        raise tf.errors.InvalidArgumentError(None, None, formats.NOT_AN_IMAGE.format(len(data)))
-    if kind in formats.END_MARKERS and formats.END_MARKERS[kind] not in data:
-        raise tf.errors.InvalidArgumentError(None, None, formats.TRUNCATED.format(len(data)))
+def main(flag_values, images):
+    if not flag_values.model:
+        raise cli.UsageError("--model is required: a SavedModel, a .keras file or a model_dir.")
+    if not images:
+        raise cli.UsageError("name one or more image files after the flags.")
+    if not os.path.exists(flag_values.model):
+        return _fail(f"model {flag_values.model} not found.")
+    import tensorflow as tf
 
+    from keras_resnet.serving import predict as predict_lib
 
-def _error_line(e):
-    """The informative line of a TensorFlow error (not the graph and node boilerplate), said of
-    one file (the SavedModel's messages name the batch element: always 0 here)."""
-    for line in str(getattr(e, "message", e)).splitlines():
-        line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\].*$", "", line).strip()
-        if line and not line.startswith(("Graph execution error", "Detected at node",
-                                         "<stack traces", "[[")):
-            line = line.removeprefix("assertion failed: [").removesuffix("]")
-            return re.sub(r"^image_bytes\[\d+\] is ", "", line).rstrip(".")
-    return type(e).__name__
-
-
-def _text(value):
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m keras_resnet.predict",
-                                     description="Top-5 classes of images.")
-    parser.add_argument("--model", required=True,
-                        help="SavedModel (version or base directory), .keras file or model_dir.")
-    parser.add_argument("--image_size", type=int,
-                        help="Eval crop size for a .keras model (default: its input size).")
-    parser.add_argument("images", nargs="+", metavar="IMAGE")
-    args = parser.parse_args(argv)
-
-    if not os.path.exists(args.model):
-        sys.exit(f"error: model {args.model} not found.")
     try:
-        predict = load_predictor(args.model, args.image_size)
+        predict = predict_lib.load_predictor(flag_values.model, flag_values.image_size)
     except (ValueError, TypeError, OSError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0]}")
+        return _fail(str(e).splitlines()[0])
 
     failed = 0
-    for path in args.images:
+    for path in images:
         try:
             with open(path, "rb") as f:
                 scores, labels, names = predict(f.read())
@@ -106,15 +50,25 @@ def main(argv=None):
             failed += 1
             continue
         except tf.errors.InvalidArgumentError as e:
-            print(f"error: cannot decode {path}: {_error_line(e)}.", file=sys.stderr)
+            print(f"error: cannot decode {path}: {predict_lib.error_line(e)}.", file=sys.stderr)
             failed += 1
             continue
         print(path)
         for score, label, name in zip(scores, labels, names, strict=True):
-            print(f"  {score:.4f}  {_text(label)}  {_text(name)}")
-    if failed:
-        sys.exit(1)
+            print(f"  {score:.4f}  {predict_lib.text(label)}  {predict_lib.text(name)}")
+    return 1 if failed else 0
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def run(argv=None):
+    """The command with `argv` (without the program name; default: sys.argv); exit status."""
+    return cli.run(define_flags, main, argv, prog="keras_resnet.predict", doc=__doc__,
+                   positional=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -13,11 +13,11 @@ import io
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
-from pipelines.sources import KAGGLE_IMAGE_ROOT, SYNSET_MAPPING, VAL_SOLUTION, DataError
+from keras_resnet.files import make_temp_dir, remove_stale_temps, rename_dir_if_absent
+from pipelines.layout import KAGGLE_IMAGE_ROOT, SYNSET_MAPPING, VAL_SOLUTION, DataError
 
 MARKER = ".keras_resnet_demo.json"
 DEMO_VERSION = 1
@@ -44,36 +44,18 @@ def make_demo(root: str, *, num_classes: int = 10, train_per_class: int = 120,
     if not 1 <= num_classes <= len(CLASSES):
         raise ValueError(f"num_classes={num_classes}: must be in [1, {len(CLASSES)}]")
     parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_builds(parent, os.path.basename(root))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-{os.getpid()}-", dir=parent)
+    remove_stale_temps(parent)
+    tmp = make_temp_dir(parent, os.path.basename(root))
     try:
         _write_tree(tmp, num_classes, train_per_class, val_per_class, image_size, seed)
-        if os.path.isdir(root):
-            os.rmdir(root)      # empty (checked above)
-        os.rename(tmp, root)    # atomic: root is absent or complete
-    except OSError:
-        # Another process may have won the race; its tree is as good as ours.
-        if not os.path.isfile(os.path.join(root, MARKER)):
-            raise
+        # Atomic: root is absent or complete. Another process may have won the race; its tree
+        # is as good as ours.
+        if not rename_dir_if_absent(tmp, root) and not os.path.isfile(os.path.join(root, MARKER)):
+            raise DataError(f"{root} was filled by another process with something that is not "
+                            "a demo dataset; pass an empty or new --data_dir")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-def _remove_stale_builds(parent: str, name: str) -> None:
-    """Removes temp trees left by builds whose process died (a live one is left alone)."""
-    prefix = f".{name}.tmp-"
-    for entry in os.listdir(parent):
-        if not entry.startswith(prefix):
-            continue
-        pid = entry[len(prefix):].split("-")[0]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-        except PermissionError:
-            pass    # alive, owned by someone else
 
 
 def _write_tree(out: str, num_classes, train_per_class, val_per_class, size, seed) -> None:

@@ -23,18 +23,21 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from keras_resnet.files import atomic_path, write_bytes_atomic
 from pipelines import formats
+from pipelines.layout import (  # noqa: F401  (DataError and the names are part of this API)
+    EXTRACTING_MARKER,
+    KAGGLE_IMAGE_ROOT,
+    SYNSET_MAPPING,
+    VAL_SOLUTION,
+    DataError,
+)
 
-SYNSET_MAPPING = "LOC_synset_mapping.txt"
-VAL_SOLUTION = "LOC_val_solution.csv"
-KAGGLE_IMAGE_ROOT = os.path.join("ILSVRC", "Data", "CLS-LOC")
 INDEX_FILE = ".keras_resnet_index.npz"
-EXTRACTING_MARKER = ".keras_resnet_extracting"   # keras_resnet.download: extraction unfinished
 INDEX_VERSION = 3  # 2: screening searches a 4 KiB tail; 3: classes without training images
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
@@ -53,10 +56,6 @@ UNSUPPORTED_MAGIC = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "RIFF (not
 
 FIX_HINT = ("download ImageNet with `python -m keras_resnet.download --data_dir=DIR`, "
             "or try `--dataset=demo`")
-
-
-class DataError(Exception):
-    """A data problem the user can fix; the message says how (one line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +138,7 @@ def write_skipped_report(source: Source, model_dir: str) -> str:
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, SKIPPED_REPORT)
     lines = ["path\treason\n"] + [f"{p}\t{reason}\n" for p, reason in source.skipped]
-    _atomic_write(path, "".join(lines).encode("utf-8"))
+    write_bytes_atomic(path, "".join(lines).encode("utf-8"))
     return path
 
 
@@ -424,12 +423,8 @@ def _save_index(index: dict, key: str, candidates: Iterable[str]) -> str | None:
         "\n".join(f"{p}\t{r}" for p, r in index["skipped"]).encode(), np.uint8)
     for path in candidates:
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".npz.tmp",
-                                       dir=os.path.dirname(path))
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            os.replace(tmp, path)   # atomic: readers see the old index or the new one
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez_compressed(f, **arrays)  # readers see the old index or the new one
             return path
         except OSError:
             continue    # read-only data dir: try the cache dir
@@ -550,15 +545,3 @@ def _synthetic_source(dataset: str) -> Source:
     ids = [f"class_{i:04d}" for i in range(int(num))]
     return Source(name="synthetic", class_ids=ids, class_names=ids, train=None, val=None,
                   skipped=[], layout="synthetic")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path), dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

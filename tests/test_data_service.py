@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 
-from keras_resnet.config import Config
+from keras_resnet.training.config import Config
 from tests.kaggle_tree import make_kaggle_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +19,7 @@ def free_port():
 
 def test_short_run_reads_its_input_from_the_service(tmp_path):
     from keras_resnet import data_service
-    from keras_resnet.train import train_and_evaluate
+    from keras_resnet.training.run import train_and_evaluate
 
     make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=4, val_per_class=2,
                      image_size=40)

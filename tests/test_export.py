@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_resnet import export, predict
-from keras_resnet.model import build_resnet
+from keras_resnet import export as export_command
+from keras_resnet import predict as predict_command
+from keras_resnet.model.resnet import build_resnet
+from keras_resnet.serving import export
 from pipelines.preprocessing import preprocess_for_eval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,12 +203,12 @@ def test_export_command_adds_a_version_and_ignores_stale_temp_dirs(exported, mod
     shutil.copytree(exported[1], export_dir / "1")
     v1_graph = (export_dir / "1" / "saved_model.pb").read_bytes()
     # What a killed export leaves behind: a temp dir of a process that no longer exists.
-    stale = export_dir / ".tmp-export-4194305-deadbeef"
+    stale = export_dir / ".tmp-4194305-deadbeef-export"
     (stale / "variables").mkdir(parents=True)
     (stale / "saved_model.pb").write_bytes(b"partial")
     assert export.list_versions(export_dir) == [1]
 
-    export.main([f"--model_dir={model_dir}", f"--export_dir={export_dir}"])
+    assert export_command.run([f"--model_dir={model_dir}", f"--export_dir={export_dir}"]) == 0
 
     assert sorted(os.listdir(export_dir)) == ["1", "2"]  # stale temp dir cleaned up, no others
     assert (export_dir / "1" / "saved_model.pb").read_bytes() == v1_graph
@@ -287,7 +289,7 @@ def test_predict_command_from_saved_model(exported, images, tmp_path):
 
 
 def test_predict_from_keras_checkpoint(model, model_dir, images, capsys):
-    predict.main([f"--model={model_dir / 'best.keras'}", str(images["b.png"])])
+    assert predict_command.run([f"--model={model_dir / 'best.keras'}", str(images["b.png"])]) == 0
     lines = capsys.readouterr().out.splitlines()
     want = _expected(model, [images["b.png"]])[0]
     top = np.argsort(-want, kind="stable")[:5]
@@ -303,9 +305,9 @@ def test_predict_from_keras_checkpoint_reports_bad_files_as_the_saved_model_does
     garbage.write_bytes(b"just some text")
     errors = []
     for model in (model_dir / "best.keras", exported[0]):
-        with pytest.raises(SystemExit) as stopped:
-            predict.main([f"--model={model}", str(truncated), str(garbage), str(images["a.jpg"])])
-        assert stopped.value.code == 1
+        status = predict_command.run([f"--model={model}", str(truncated), str(garbage),
+                                      str(images["a.jpg"])])
+        assert status == 1
         captured = capsys.readouterr()
         assert captured.out.splitlines()[0] == str(images["a.jpg"])  # the good file still scored
         errors.append([line for line in captured.err.splitlines() if line.startswith("error:")])

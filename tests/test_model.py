@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_resnet.model import DEPTHS, MEAN_RGB, STAGES, STDDEV_RGB, build_resnet
-from keras_resnet.torch_weights import load_torchvision_state_dict, to_torchvision_state_dict
+from keras_resnet.model.resnet import DEPTHS, MEAN_RGB, STAGES, STDDEV_RGB, build_resnet
+from keras_resnet.model.torch_names import load_torchvision_state_dict, to_torchvision_state_dict
 from tests import torch_reference as ref
 
 # torchvision's `sum(p.numel() for p in resnetD().parameters())`. Non-trainable = BatchNorm
@@ -318,7 +318,7 @@ def test_state_dict_mismatches_fail_clearly_and_set_nothing():
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_batch_norm_matches_keras_batch_norm(training):
     """The fused kernel computes what Keras's BatchNormalization computes, moving stats included."""
-    from keras_resnet.fused_batch_norm import FusedBatchNormalization
+    from keras_resnet.model.layers import FusedBatchNormalization
 
     rng = np.random.default_rng(0)
     x = rng.normal(2.0, 3.0, (4, 5, 6, 8)).astype("float32")

@@ -103,7 +103,7 @@ def test_two_workers_train_main_chief_writes_everything(tmp_path):
 UPSTREAM_CHECK = textwrap.dedent("""
     import sys
     import keras, numpy as np, tensorflow as tf
-    from keras_resnet import multi_worker
+    from keras_resnet.training import multi_worker
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
@@ -158,7 +158,7 @@ def test_missing_peer_fails_fast_naming_its_address(tmp_path):
     """
     script = textwrap.dedent("""
         import sys
-        from keras_resnet import distribute, multi_worker
+        from keras_resnet.training import distribute, multi_worker
         try:
             multi_worker.make_strategy(peer_timeout_secs=3)
         except distribute.ClusterError as e:
@@ -179,7 +179,7 @@ def test_missing_peer_fails_fast_naming_its_address(tmp_path):
 
 
 def test_cluster_tasks_and_probe():
-    from keras_resnet import multi_worker
+    from keras_resnet.training import multi_worker
 
     config = json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2", "[::1]:3"]},
                          "task": {"type": "worker", "index": 1}})

@@ -247,7 +247,7 @@ def test_demo_refuses_a_foreign_dir_and_clears_stale_builds(tmp_path):
     (foreign / "precious.txt").write_text("x")
     with pytest.raises(DataError, match="not a demo dataset"):
         demo.make_demo(str(foreign))
-    stale = tmp_path / ".demo.tmp-999999999-abc"   # a build whose process died
+    stale = tmp_path / ".tmp-999999999-abc-demo"   # a build whose process died
     stale.mkdir()
     demo.make_demo(str(tmp_path / "demo"), num_classes=2, train_per_class=1, val_per_class=1)
     assert not stale.exists() and (foreign / "precious.txt").exists()

@@ -1,4 +1,4 @@
-"""keras_resnet.stats: parameter counts, MACs and the memory estimate behind `--summary`."""
+"""keras_resnet.model.stats: parameter counts, MACs and the memory estimate behind `--summary`."""
 
 import functools
 
@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_resnet import stats
-from keras_resnet.model import DEPTHS, build_resnet
+from keras_resnet.model import stats
+from keras_resnet.model.resnet import DEPTHS, build_resnet
 
 MIB = 2**20
 # Multiply-accumulates per 224x224 image, in G. torchvision's model cards (v1.5, fvcore-style:

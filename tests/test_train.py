@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from keras_resnet.config import Config
+from keras_resnet.training.config import Config
 from tests.kaggle_tree import make_kaggle_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ def run_main(*args, timeout=300):
 
 
 def test_train_and_evaluate_one_real_step(tmp_path):
-    from keras_resnet.train import train_and_evaluate
+    from keras_resnet.training.run import train_and_evaluate
 
     tree = make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=3,
                             val_per_class=2, image_size=40)
@@ -112,7 +112,7 @@ def test_missing_imagenet_says_how_to_get_it(tmp_path):
 
 
 def test_batch_must_divide_over_replicas(tmp_path, monkeypatch):
-    from keras_resnet import train
+    from keras_resnet.training import run as train
 
     class TwoReplicas:
         num_replicas_in_sync = 2
@@ -123,7 +123,7 @@ def test_batch_must_divide_over_replicas(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
-    from keras_resnet.train import UserError, train_and_evaluate
+    from keras_resnet.training.run import UserError, train_and_evaluate
 
     config = tiny_config(tmp_path, dataset="synthetic", batch_size=4, epochs=2, steps_per_epoch=4,
                          base_learning_rate=1e30, warmup_epochs=0, export=False)
@@ -156,7 +156,7 @@ def test_demo_learns_well_above_chance(tmp_path):
 
 
 def test_file_cache_is_per_split_file_list_and_input_pipeline(tmp_path):
-    from keras_resnet.train import train_and_evaluate
+    from keras_resnet.training.run import train_and_evaluate
 
     make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=3, val_per_class=2,
                      image_size=40, broken=False)
@@ -196,7 +196,7 @@ def test_file_cache_is_per_split_file_list_and_input_pipeline(tmp_path):
 
 
 def test_cache_leaves_out_training_files_too_big_for_memory(tmp_path, monkeypatch):
-    from keras_resnet import train
+    from keras_resnet.training import run as train
     from pipelines import dataset, sources
 
     make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=3, val_per_class=2,
@@ -211,7 +211,7 @@ def test_cache_leaves_out_training_files_too_big_for_memory(tmp_path, monkeypatc
 
 def test_time_based_checkpoints(monkeypatch):
     """--checkpoint_every_secs saves when that much time has passed, even between step saves."""
-    from keras_resnet import checkpoint as ckpt_lib
+    from keras_resnet.training import checkpoint as ckpt_lib
 
     saved, clock = [], [0.0]
 
@@ -234,7 +234,7 @@ def test_time_based_checkpoints(monkeypatch):
 def test_signal_during_last_step_saves_before_validating():
     """A stop requested during an epoch's last step lets validation and the epoch-end save run,
     then stops: the epoch is never left unvalidated."""
-    from keras_resnet import checkpoint as ckpt_lib
+    from keras_resnet.training import checkpoint as ckpt_lib
 
     saved = []
 
@@ -288,7 +288,7 @@ class _FakeStrategy:
 def test_xla_auto_is_on_for_exactly_one_gpu(monkeypatch):
     import tensorflow as tf
 
-    from keras_resnet import distribute
+    from keras_resnet.training import distribute
 
     one = _FakeStrategy(1)
     # This machine has no GPU: auto leaves XLA off; explicit settings win.
@@ -309,7 +309,7 @@ def test_xla_train_step_with_float16_loss_scaling():
     import keras
     import tensorflow as tf
 
-    from keras_resnet import train
+    from keras_resnet.training import run as train
 
     config = Config(dataset="synthetic", depth=18, image_size=32, batch_size=4,
                     mixed_precision="mixed_float16", jit_compile="true",
@@ -362,8 +362,8 @@ real = tf.distribute.MirroredStrategy
 tf.distribute.MirroredStrategy = lambda: real(["/cpu:0", "/cpu:1"])
 
 import keras
-from keras_resnet.config import Config
-from keras_resnet.train import train_and_evaluate
+from keras_resnet.training.config import Config
+from keras_resnet.training.run import train_and_evaluate
 from pipelines import dataset, sources
 
 data_dir, run = sys.argv[1:3]

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_resnet.files import read_json, write_json_atomic
+from keras_resnet.files import atomic_path, read_json, write_json_atomic
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_MODEL = "best.keras"
@@ -43,10 +43,8 @@ RUN_FIELDS = ("batch_size",)
 def save_keras_atomic(model, path):
     """`model.save(path)` (a .keras file) via a temporary name in the same directory + rename:
     Keras writes the target in place, so a kill mid-save would leave a truncated file."""
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save(tmp)
     return path
 
 

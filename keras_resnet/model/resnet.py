@@ -16,7 +16,7 @@ import keras
 from keras import layers
 
 from keras_resnet.constants import DEPTHS, VARIANTS
-from keras_resnet.fused_batch_norm import FusedBatchNormalization
+from keras_resnet.model.layers import FusedBatchNormalization
 
 # ImageNet RGB statistics on the [0, 1] scale (torchvision's `Normalize`); the optional first
 # layer applies them to uint8 / [0, 255] inputs so the input pipeline can ship uint8 pixels.

@@ -6,13 +6,12 @@ import os
 import tensorflow as tf
 from absl import logging
 
+from keras_resnet.training import multi_worker
+from keras_resnet.training.multi_worker import ClusterError  # noqa: F401  (raised by make_strategy)
+
 # GPUs with tensor cores (compute capability >= 7.0) gain from float16 math.
 MIN_FP16_CAPABILITY = (7, 0)
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-class ClusterError(RuntimeError):
-    """The multi-worker cluster in TF_CONFIG did not form (a peer is unreachable or late)."""
 
 
 def tf_config_workers():
@@ -36,8 +35,6 @@ def make_strategy(distribution, tpu=""):
     """Builds the strategy. Must run before any op is placed (multi-worker needs a fresh runtime)."""
     kind = resolve_distribution(distribution)
     if kind == "multi_worker":
-        from keras_resnet import multi_worker
-
         strategy = multi_worker.make_strategy()
     elif kind == "tpu":
         # Untested here (no TPU): the standard TPU initialisation sequence.

@@ -26,32 +26,25 @@ else goes to the original Keras code. `tests/test_multi_worker.py::test_keras_st
 runs a 2-worker `fit` unpatched, then with fix 1 only, and fails once a stage works without its
 fix: then delete that `patch_*` function.
 
-BatchNorm statistics: Keras 3 creates `moving_mean` / `moving_variance` with aggregation "none",
-so each replica updates its own copy from its own data and the workers drift apart (tf.keras 2
-averaged them on read). `SyncWorkers`, a callback, averages every float non-trainable variable
-across all replicas before each validation pass and at each epoch end, so validation, the
-epoch-end checkpoint, `best.keras` and the export use the same statistics on every worker, and
-all workers end with identical weights (it logs a fingerprint of them at the end to show it).
-Checkpoints saved inside an epoch hold the chief's own statistics (resuming restores them on
-every worker alike).
-
 Peers: MultiWorkerMirroredStrategy() waits for every task in TF_CONFIG with no deadline: a
 missing peer hangs it forever, holding the GIL (so no Python thread can time it out), and
 TensorFlow ignores SIGTERM meanwhile. `make_strategy` configures TensorFlow's coordination
 service itself, as the strategy would, plus a registration deadline that applies to every task;
-when it passes, it probes each peer's address over TCP and raises `distribute.ClusterError` with
+when it passes, it probes each peer's address over TCP and raises `ClusterError` with
 one line naming the addresses that do not answer.
 """
 
-import hashlib
 import json
 import os
 import socket
 
-import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
+
+
+class ClusterError(RuntimeError):
+    """The multi-worker cluster in TF_CONFIG did not form (a peer is unreachable or late)."""
+
 
 PEER_TIMEOUT_SECS = 300.0  # workers of one job may start minutes apart (scheduling, image pulls)
 PROBE_TIMEOUT_SECS = 2.0
@@ -130,10 +123,9 @@ def make_strategy(peer_timeout_secs=PEER_TIMEOUT_SECS):
 
     Call before any other TensorFlow op runs (the strategy starts this process's gRPC server).
     Without TF_CONFIG this is a one-worker strategy over the local devices. Raises
-    `distribute.ClusterError`, naming the peers it cannot reach, when the cluster has not formed
+    `ClusterError`, naming the peers it cannot reach, when the cluster has not formed
     within `peer_timeout_secs` (counted from this task's start).
     """
-    from keras_resnet.distribute import ClusterError
 
     patch_keras()
     tasks, me = cluster_tasks()
@@ -205,71 +197,3 @@ def patch_reduce_per_replica():
     reduce_per_replica._keras_resnet_patch = True
     # The trainer's step functions look this name up in the module at trace time.
     tf_trainer.reduce_per_replica = reduce_per_replica
-
-
-def weights_fingerprint(model):
-    """sha256 (16 hex digits) of all of `model`'s weights: equal on workers holding equal weights."""
-    digest = hashlib.sha256()
-    for w in model.get_weights():
-        digest.update(np.ascontiguousarray(w).tobytes())
-    return digest.hexdigest()[:16]
-
-
-class SyncWorkers(keras.callbacks.Callback):
-    """Averages BatchNorm statistics across replicas (the GPUs of a MirroredStrategy, the workers
-    of a MultiWorkerMirroredStrategy) before validation and at each epoch end.
-
-    Place it first in the callback list, so later `on_epoch_end` callbacks (checkpoints, the best
-    model) see the averaged values. Every worker must run it (it is a collective operation).
-    """
-
-    def set_model(self, model):
-        super().set_model(model)
-        strategy = model.distribute_strategy
-        variables = [v for v in model.non_trainable_variables
-                     if v.dtype.startswith(("float", "bfloat"))]
-
-        def average_in_replica():
-            # In replica context each variable reads and (aggregation "none") writes its local copy.
-            means = tf.distribute.get_replica_context().all_reduce(
-                "MEAN", [tf.identity(v.value) for v in variables])
-            for variable, mean in zip(variables, means, strict=True):
-                variable.assign(mean)
-
-        self._average = tf.function(lambda: strategy.run(average_in_replica))
-        self._has_variables = bool(variables)
-
-    def _sync(self):
-        if self._has_variables:
-            self._average()
-
-    def on_test_begin(self, logs=None):
-        self._sync()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._sync()
-
-    def on_train_end(self, logs=None):
-        if not in_multi_worker_mode(self.model.distribute_strategy):
-            return
-        logging.info("Task %s weights fingerprint: %s", cluster_tasks()[1],
-                     weights_fingerprint(self.model))
-
-
-def any_worker(strategy):
-    """Returns `agree(flag) -> bool`: True if the flag is set on any worker.
-
-    A preemption signal reaches workers at different steps; if one worker left `fit` alone, the
-    others would hang or fail in the next collective. Checking this after every step (one scalar
-    all-reduce, small next to a training step) makes all workers stop, and save, at the same step.
-    """
-
-    @tf.function
-    def reduce(flag):
-        per_replica = strategy.run(lambda: tf.identity(flag))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-    def agree(flag):
-        return bool(reduce(tf.constant(1.0 if flag else 0.0)) > 0)
-
-    return agree

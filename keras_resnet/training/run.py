@@ -14,10 +14,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_resnet import checkpoint as ckpt_lib
-from keras_resnet import distribute
-from keras_resnet.model import build_resnet
-from keras_resnet.optim import SparseCrossentropy, WarmupSchedule
+from keras_resnet.files import atomic_path, read_json, write_json_atomic
+from keras_resnet.model.resnet import build_resnet
+from keras_resnet.training import checkpoint as ckpt_lib
+from keras_resnet.training import distribute
+from keras_resnet.training.optim import SparseCrossentropy, WarmupSchedule
 
 RESULTS_JSON = "results.json"
 HISTORY_CSV = "history.csv"
@@ -64,7 +65,7 @@ def make_model(config, num_classes):
 
 def summarize(config, num_classes=1000):
     """`--summary`: model.summary(), parameter counts, MACs and a memory estimate. Needs no data."""
-    from keras_resnet import stats
+    from keras_resnet.model import stats
 
     model = make_model(config, num_classes)
     lines = []
@@ -382,10 +383,10 @@ def train_and_evaluate(config):
         except ckpt_lib.CheckpointMismatchError as e:
             raise UserError(str(e)) from None
     if writer:
-        ckpt_lib.write_json_atomic(os.path.join(model_dir, "config.json"), config.to_dict())
+        write_json_atomic(os.path.join(model_dir, "config.json"), config.to_dict())
     if start_step >= steps_per_epoch:  # a checkpoint of a longer epoch setting; start next epoch
         start_epoch, start_step = start_epoch + 1, 0
-    previous = ckpt_lib.read_json(os.path.join(model_dir, RESULTS_JSON))
+    previous = read_json(os.path.join(model_dir, RESULTS_JSON))
     if start_epoch >= config.epochs and previous is not None:
         print(f"{model_dir} already holds a finished run of {config.epochs} epochs: "
               f"{json.dumps(previous)}\nRaise --epochs to train further.", flush=True)
@@ -398,18 +399,18 @@ def train_and_evaluate(config):
               f"{start_step}/{steps_per_epoch}.", flush=True)
 
     throughput = ThroughputLogger(config.batch_size)
-    from keras_resnet import multi_worker  # replica BatchNorm sync; multi-worker agreement
+    from keras_resnet.training import replicas
 
     multi = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     with ckpt_lib.StopRequest() as stop:
         checkpoint_cb = ckpt_lib.CheckpointCallback(
             ckpt, steps_per_epoch, config.checkpoint_every_steps, config.checkpoint_every_secs,
             model_dir, stop, write=writer,
-            agree=multi_worker.any_worker(strategy) if multi else None)
+            agree=replicas.any_worker(strategy) if multi else None)
         callbacks = _callbacks(model_dir, writer, checkpoint_cb, throughput)
         verbose, progress = _progress(config, steps_per_epoch)
         if strategy.num_replicas_in_sync > 1:  # first: later callbacks see averaged BN stats
-            callbacks.insert(0, multi_worker.SyncWorkers())
+            callbacks.insert(0, replicas.SyncWorkers())
         # Two fit calls at most: the rest of an interrupted epoch, then the remaining epochs.
         segments = []
         if start_step and start_epoch < config.epochs:
@@ -465,7 +466,7 @@ def train_and_evaluate(config):
 def _best_metrics(model_dir):
     """Validation metrics and path of the best model; ({}, None) when nothing was validated."""
     best_path = os.path.join(model_dir, ckpt_lib.BEST_MODEL)
-    best = ckpt_lib.read_json(os.path.join(model_dir, ckpt_lib.BEST_JSON))
+    best = read_json(os.path.join(model_dir, ckpt_lib.BEST_JSON))
     if best and os.path.exists(best_path):
         return {k: best.get(f"val_{k}") for k in ("top1", "top5", "loss")}, best_path
     return {}, None
@@ -476,7 +477,7 @@ def _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch,
     metrics, best_path = _best_metrics(model_dir)
     if not writer:
         return None
-    from keras_resnet import export
+    from keras_resnet.serving import export
 
     class_ids = source.class_ids if source else [str(i) for i in range(SYNTHETIC_CLASSES)]
     class_names = source.class_names if source else class_ids
@@ -509,7 +510,7 @@ def _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch,
         "precision_policy": keras.mixed_precision.global_policy().name,
         "replicas": strategy.num_replicas_in_sync,
     }
-    ckpt_lib.write_json_atomic(os.path.join(model_dir, RESULTS_JSON), results)
+    write_json_atomic(os.path.join(model_dir, RESULTS_JSON), results)
     _plot_curves(history, os.path.join(model_dir, CURVES_PNG))
     logging.info("Results: %s", json.dumps(results))
     print(json.dumps(results, indent=2), flush=True)
@@ -558,7 +559,6 @@ def _plot_curves(history, path):
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -1,0 +1,77 @@
+"""Print the top-5 classes of images, from an exported SavedModel or a .keras checkpoint.
+
+    python -m keras_resnet.predict --model=saved_models/resnet50_imagenet cat.jpg dog.png
+    python -m keras_resnet.predict --model=runs/resnet50_imagenet/best.keras cat.jpg
+
+--model is a SavedModel version directory, an export base directory (its highest version is
+used), a .keras file (class names from the classes.json beside it), or a training directory
+(its best.keras, else latest.keras). Exits with status 1 if any image could not be read.
+"""
+
+import os
+import re
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_resnet.serving import export
+from pipelines import formats
+from pipelines.preprocessing import preprocess_for_eval
+
+
+def load_predictor(path, image_size=None):
+    """Returns `predict(image_bytes) -> (scores, labels, names)`, the top 5 for one image."""
+    saved_model = export.latest_version_dir(path) if os.path.isdir(path) else None
+    if saved_model:
+        serve = tf.saved_model.load(saved_model).signatures["serving_default"]
+
+        def predict(image_bytes):
+            out = serve(image_bytes=tf.constant([image_bytes]))
+            return tuple(out[k][0].numpy() for k in ("scores", "labels", "names"))
+
+        return predict
+
+    checkpoint = export.find_checkpoint(path) if os.path.isdir(path) else path
+    if not checkpoint or not os.path.isfile(checkpoint):
+        raise ValueError(f"{path} is neither a SavedModel, an export directory with versions, "
+                         "a .keras file nor a directory with best.keras / latest.keras.")
+    model = keras.saving.load_model(checkpoint, compile=False)
+    image_size = image_size or model.inputs[0].shape[1] or 224
+    num_classes = model.outputs[0].shape[-1]
+    class_ids, class_names = export.load_classes_for(checkpoint, num_classes)
+    probabilities = export.probabilities_fn(model)
+    k = min(export.TOP_K, num_classes)
+
+    def predict(image_bytes):
+        _check_image_bytes(image_bytes)  # the checks the SavedModel makes, with the same words
+        pixels = preprocess_for_eval(image_bytes, image_size, recover_truncated=False)
+        probs = probabilities(pixels[None])[0].numpy()
+        top = np.argsort(-probs, kind="stable")[:k]
+        return probs[top], [class_ids[i] for i in top], [class_names[i] for i in top]
+
+    return predict
+
+
+def _check_image_bytes(data):
+    kind = formats.image_format(data[:formats.HEADER_BYTES])
+    if kind is None:
+        raise tf.errors.InvalidArgumentError(None, None, formats.NOT_AN_IMAGE.format(len(data)))
+    if kind in formats.END_MARKERS and formats.END_MARKERS[kind] not in data:
+        raise tf.errors.InvalidArgumentError(None, None, formats.TRUNCATED.format(len(data)))
+
+
+def error_line(e):
+    """The informative line of a TensorFlow error (not the graph and node boilerplate), said of
+    one file (the SavedModel's messages name the batch element: always 0 here)."""
+    for line in str(getattr(e, "message", e)).splitlines():
+        line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\].*$", "", line).strip()
+        if line and not line.startswith(("Graph execution error", "Detected at node",
+                                         "<stack traces", "[[")):
+            line = line.removeprefix("assertion failed: [").removesuffix("]")
+            return re.sub(r"^image_bytes\[\d+\] is ", "", line).rstrip(".")
+    return type(e).__name__
+
+
+def text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
