@@ -11,7 +11,7 @@ import sys
 
 from absl import flags
 
-from keras_resnet import cli
+from keras_resnet import cli, logs
 
 
 def define_flags(values):
@@ -30,6 +30,7 @@ def main(flag_values, args):
         raise cli.UsageError("pass exactly one of --model=FILE.keras or --model_dir=DIR.")
     if not flag_values.export_dir:
         raise cli.UsageError("--export_dir is required, e.g. --export_dir=saved_models/r50.")
+    logs.import_tensorflow()  # before any TensorFlow import: without its start-up noise
     import keras
 
     from keras_resnet.serving import export

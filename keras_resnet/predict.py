@@ -14,7 +14,7 @@ import sys
 
 from absl import flags
 
-from keras_resnet import cli
+from keras_resnet import cli, logs
 
 
 def define_flags(values):
@@ -31,7 +31,7 @@ def main(flag_values, images):
         raise cli.UsageError("name one or more image files after the flags.")
     if not os.path.exists(flag_values.model):
         return _fail(f"model {flag_values.model} not found.")
-    import tensorflow as tf
+    tf = logs.import_tensorflow()  # without TensorFlow's start-up noise
 
     from keras_resnet.serving import predict as predict_lib
 
