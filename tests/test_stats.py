@@ -8,6 +8,7 @@ import pytest
 
 from keras_resnet.model import stats
 from keras_resnet.model.resnet import DEPTHS, build_resnet
+from tests.test_model import CONV_BIAS_152_TRAINABLE, PARAM_COUNTS
 
 MIB = 2**20
 # Multiply-accumulates per 224x224 image, in G. torchvision's model cards (v1.5, fvcore-style:
@@ -62,11 +63,13 @@ def test_macs_scale_with_image_size():
 
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_param_counts(depth):
-    model = _model(depth)
-    counts = stats.count_params(model)
-    assert counts.trainable == sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    assert counts.non_trainable == sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
-    assert counts.total == model.count_params()
+    """count_params against torchvision's counts and the BatchNorm channels of the architecture
+    (tests/test_model.py derives both independently of the built model)."""
+    counts = stats.count_params(_model(depth))
+    assert (counts.trainable, counts.non_trainable) == PARAM_COUNTS[depth]
+    assert counts.total == sum(PARAM_COUNTS[depth])
+    if depth == 152:
+        assert stats.count_params(_model(152, conv_bias=True)).trainable == CONV_BIAS_152_TRAINABLE
 
 
 def test_state_memory_matches_seed_figure():

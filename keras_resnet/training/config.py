@@ -164,8 +164,3 @@ class Config:
         d = dataclasses.asdict(self)
         d["step_decay_epochs"] = list(self.step_decay_epochs)
         return d
-
-    @classmethod
-    def from_dict(cls, values):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
