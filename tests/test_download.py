@@ -250,7 +250,7 @@ def test_rules_not_accepted_is_found_before_downloading(tmp_path, capsys, monkey
     assert download.fetch_and_print(str(tmp_path / "d"), api_factory=lambda: fake) == 1
     err = capsys.readouterr().err
     assert fake.downloads == 0 and "2 problems" in err
-    assert f"1. the Kaggle account of your token has not accepted the competition's rules" in err
+    assert "1. the Kaggle account of your token has not accepted the competition's rules" in err
     assert f"competitions/{download.COMPETITION}/rules" in err and "2. not enough disk" in err
 
 
