@@ -148,7 +148,7 @@ def choose_jit_compile(requested, strategy, deterministic=False):
     """Resolves --jit_compile=auto for `strategy` (XLA on one GPU only) and logs why.
 
     Keras's own "auto" turns XLA off under any tf.distribute strategy, including the
-    OneDeviceStrategy every run here uses, so a single GPU would lose XLA's fusion of the
+    OneDeviceStrategy a one-GPU run uses, so a single GPU would lose XLA's fusion of the
     elementwise ops (BatchNorm, ReLU, casts, the residual add) around each convolution.
     """
     if requested != "auto":
