@@ -49,9 +49,9 @@ def test_start_up_lines_follow_the_log_level(line, level, no_gpu, dropped):
 def test_filtered_stderr_passes_real_lines_and_drops_noise(capfd):
     with logs.filtered_stderr(lambda line: logs.is_noise(line, 1, True)):
         os.write(2, f"{NOTICE}\n{ONEDNN}\n{ERROR}\n{CUINIT}\n".encode())
-        print("a python line", file=sys.stderr)
+        os.write(2, b"Traceback (most recent call last):\n")
     err = capfd.readouterr().err
-    assert err == f"{ERROR}\na python line\n"
+    assert err == f"{ERROR}\nTraceback (most recent call last):\n"
 
 
 def test_no_gpu_possible_follows_cuda_visible_devices(monkeypatch):
