@@ -123,7 +123,7 @@ def _baseline_name(depth):
 
 def settings_from_flags(opts):
     """The grid of settings (project model), then the baseline; validated against the choices."""
-    from keras_resnet.model.resnet import DEPTHS
+    from keras_resnet.constants import DEPTHS
 
     if opts.depth not in DEPTHS:
         raise cli.UsageError(f"--depth={opts.depth}; valid: {', '.join(map(str, DEPTHS))}.")
@@ -351,6 +351,7 @@ def _cpu_name():
 
 def run_torch_setting(setting, opts):
     """The same network in PyTorch, trained on one random batch, timed as `run_setting`."""
+    logs.import_tensorflow()  # the stage table's module imports Keras: without start-up noise
     import torch
 
     from keras_resnet.model.torch_resnet import build_torch_resnet
