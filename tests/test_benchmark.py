@@ -45,6 +45,7 @@ def test_tiny_benchmark_prints_table_ratio_and_images_per_sec():
     assert rows[2].split()[8] == "1.00x"  # the baseline against itself
 
 
+@pytest.mark.slow
 def test_torch_row_trains_the_same_network_and_prints_the_ratio():
     pytest.importorskip("torch")
     done = run_benchmark("--depth=18", "--image_size=32", "--batch_size=2", "--warmup_steps=1",

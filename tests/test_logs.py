@@ -121,6 +121,7 @@ def test_unreadable_cpuinfo_means_float32(tmp_path):
     assert cpu == {} and distribute.cpu_bfloat16(cpu)[0] is False
 
 
+@pytest.mark.slow
 def test_demo_first_epoch_log_is_clean(tmp_path):
     """The demo configuration's first epoch, with the user's default environment (no
     TF_CPP_MIN_LOG_LEVEL): no error-level line and none of the known noise lines."""
