@@ -21,7 +21,7 @@ GPU:0 (next to the `--summary` estimate) and the model FLOPs utilisation for the
 The last line printed is `images/s: <number>` for the first setting.
 
 `--torch` adds rows for the same network in plain PyTorch (torchvision's architecture, SGD with
-momentum, cross-entropy) at the same batch, size and thread count, timed the same way, each in
+momentum and the same weight decay, cross-entropy) at the same batch, size and thread count, timed the same way, each in
 its own process: `bf16_channels_last` is bfloat16 autocast with channels-last tensors, PyTorch's
 fastest CPU setting. The device line names the CPU model and its bfloat16-relevant flags.
 
@@ -366,7 +366,12 @@ def run_torch_setting(setting, opts):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    # The project's training: SGD with momentum and weight decay (Config's default; an L2 term
+    # on the kernels there, added to every parameter's gradient here: about the same work).
+    from keras_resnet.training.config import Config
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                weight_decay=Config().weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
