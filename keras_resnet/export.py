@@ -113,10 +113,9 @@ def main(flag_values, args):
 def _calibration(flag_values, image_size):
     from keras_resnet.serving import calibration
 
-    data_dir = flag_values.data_dir or {"imagenet": "data/imagenet", "demo": "data/demo"}.get(
-        flag_values.dataset, "")
-    return calibration.calibration_images(flag_values.dataset, data_dir, image_size=image_size,
-                                          count=flag_values.calibration_images)
+    return calibration.calibration_images(
+        flag_values.dataset, calibration.default_data_dir(flag_values.dataset, flag_values.data_dir),
+        image_size=image_size, count=flag_values.calibration_images)
 
 
 def _fail(message):

@@ -168,7 +168,7 @@ def test_bad_input_gets_one_line_errors(sharp, tmp_path, capsys, monkeypatch):
         return status, err
 
     status, err = error([f"--model={model_path}", "--format=tensorrt", "--output=x.plan"])
-    assert status == 2 and "format='tensorrt'" in err and "onnx, litert, litert_int8" in err
+    assert status == 2 and "format='tensorrt'" in err and "onnx_int8, litert, litert_int8, openvino" in err
     status, err = error([f"--model={tmp_path}/nope.keras", "--format=onnx",
                          f"--output={tmp_path}/x.onnx"])
     assert status == 1 and "nope.keras not found" in err
@@ -278,34 +278,36 @@ def test_trained_model_agrees_in_every_runtime_on_the_demo_validation_split(demo
         assert (got.argmax(1) == labels).mean() == keras_top1, fmt
 
 
+INT8_FORMATS = {"litert_int8": ("int8.tflite", "litert"), "onnx_int8": ("int8.onnx", "onnx")}
+
+
 @pytest.mark.slow
-def test_int8_litert_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path):
+@pytest.mark.parametrize("fmt", sorted(INT8_FORMATS))
+def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt):
     import keras
 
     data_dir, model_dir, images, labels = demo_run
     model = keras.saving.load_model(os.path.join(model_dir, "best.keras"), compile=False)
     expected = _run_batches(lambda x: _keras_probabilities(model, x), images).argmax(1)
-    output = str(tmp_path / "int8.tflite")
-    assert export_cmd.run([f"--model_dir={model_dir}", "--format=litert_int8",
-                           f"--output={output}", "--dataset=demo", f"--data_dir={data_dir}",
+    name, float_fmt = INT8_FORMATS[fmt]
+    output = str(tmp_path / name)
+    assert export_cmd.run([f"--model_dir={model_dir}", f"--format={fmt}", f"--output={output}",
+                           "--dataset=demo", f"--data_dir={data_dir}",
                            "--calibration_images=200"]) == 0
     runner = formats.load_runner(output)
-    assert runner.format == "litert_int8"
+    assert runner.format == fmt
     got = _run_batches(runner, images).argmax(1)
     agreement = (got == expected).mean()
     drop = (expected == labels).mean() - (got == labels).mean()
-    print(f"int8: top-1 agreement {agreement:.3f}, accuracy drop {100 * drop:.1f} points")
+    print(f"{fmt}: top-1 agreement {agreement:.3f}, accuracy drop {100 * drop:.1f} points")
     assert agreement >= 0.99 and drop <= 0.01
-    # Full integer: every tensor inside is int8/int32 (weights, activations, biases); only the
-    # float32 input and output (and their quantize/dequantize) remain float.
-    details = runner.interpreter.get_tensor_details()
-    float_tensors = [t["name"] for t in details if t["dtype"] == np.float32]
-    assert len(float_tensors) <= 2, float_tensors
-    assert os.path.getsize(output) < 0.35 * os.path.getsize(
-        _float_litert(model_dir, tmp_path))
-
-
-def _float_litert(model_dir, tmp_path):
-    output = str(tmp_path / "float.tflite")
-    assert export_cmd.run([f"--model_dir={model_dir}", "--format=litert", f"--output={output}"]) == 0
-    return output
+    float_file = str(tmp_path / ("float" + os.path.splitext(name)[1]))
+    assert export_cmd.run([f"--model_dir={model_dir}", f"--format={float_fmt}",
+                           f"--output={float_file}"]) == 0
+    assert os.path.getsize(output) < 0.35 * os.path.getsize(float_file)  # int8 weights
+    if fmt == "litert_int8":
+        # Full integer: every tensor inside is int8/int32 (weights, activations, biases); only
+        # the float32 input and output (around their quantize/dequantize ops) remain float.
+        details = runner.interpreter.get_tensor_details()
+        float_tensors = [t["name"] for t in details if t["dtype"] == np.float32]
+        assert len(float_tensors) <= 2, float_tensors

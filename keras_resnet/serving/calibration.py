@@ -11,6 +11,11 @@ import sys
 import numpy as np
 
 
+def default_data_dir(dataset, data_dir=None):
+    """`data_dir`, else the dataset's default as training uses it (data/imagenet, data/demo)."""
+    return data_dir or {"imagenet": "data/imagenet", "demo": "data/demo"}.get(dataset, "")
+
+
 def sample_files(files, count, seed=0):
     """`count` paths drawn from `files` without replacement, the same for the same seed."""
     rng = np.random.default_rng(seed)

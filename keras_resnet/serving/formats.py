@@ -11,7 +11,7 @@ versions):
 
 The ImageNet mean/std normalisation is inside the model, so a client only decodes, resizes and
 crops. The class ids and names travel beside every file in `<FILE>.json` (and inside an ONNX file
-as metadata). The SavedModel is different: it takes JPEG/PNG bytes (see serving/export.py).
+as metadata). The int8 formats keep float32 input and output (quantize and dequantize inside). The SavedModel is different: it takes JPEG/PNG bytes (see serving/export.py).
 
 A writer is `writer(model, output, *, image_size, class_ids, class_names, calibration) -> path`,
 where `calibration` is a zero-argument callable yielding float32 [1, S, S, 3] images from the
@@ -72,6 +72,11 @@ def _onnx(*args, **kwargs):
     return onnx.write_onnx(*args, **kwargs)
 
 
+def _onnx_int8(*args, **kwargs):
+    from keras_resnet.serving import onnx
+    return onnx.write_onnx(*args, quantized=True, **kwargs)
+
+
 def _litert(*args, **kwargs):
     from keras_resnet.serving import litert
     return litert.write_litert(*args, **kwargs)
@@ -92,6 +97,8 @@ FORMATS = {
                           "(takes JPEG/PNG bytes); --output is the export base directory"),
     "onnx": Format(_onnx, ".onnx", "onnx", "ONNX (opset 17) for ONNX Runtime",
                    converters=("tf2onnx",)),
+    "onnx_int8": Format(_onnx_int8, ".onnx", "onnx", "ONNX int8 (QDQ, static, float32 input "
+                        "and output)", calibrated=True, converters=("tf2onnx", "onnxruntime")),
     "litert": Format(_litert, ".tflite", "litert", "LiteRT (TFLite) float32"),
     "litert_int8": Format(_litert_int8, ".tflite", "litert", "LiteRT full-integer int8 "
                           "(float32 input and output)", calibrated=True),
