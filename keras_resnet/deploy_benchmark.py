@@ -28,8 +28,6 @@ from keras_resnet.serving import formats
 
 ANCHOR = "keras"
 WARMUP_CALLS = 5
-FILES = {"onnx": "model.onnx", "litert": "model.tflite", "litert_int8": "model_int8.tflite",
-         "openvino": "model.xml", "saved_model": "saved_model"}
 
 
 def define_flags(values):
@@ -129,7 +127,7 @@ def _runner(name, model, work_dir, flag_values, image_size, classes):
         calibration = calibration_lib.calibration_images(
             flag_values.dataset, _data_dir(flag_values), image_size=image_size,
             count=flag_values.calibration_images)
-    path = fmt.writer(model, os.path.join(work_dir, FILES[name]), image_size=image_size,
+    path = fmt.writer(model, os.path.join(work_dir, name + fmt.suffix), image_size=image_size,
                       class_ids=classes[0], class_names=classes[1], calibration=calibration)
     if name == "saved_model":
         return _saved_model_runner(path), _size_mb(path)

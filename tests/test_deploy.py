@@ -85,9 +85,12 @@ def test_float_formats_match_keras_in_their_own_runtime(sharp, tmp_path, fmt):
     # The batch dimension is dynamic: one image, then a different batch size again.
     assert np.abs(runner(images[:1]) - expected[:1]).max() < 1e-4
     assert np.abs(runner(images[2:5]) - expected[2:5]).max() < 1e-4
-    # Non-integral pixels (a client resizing in float) are not truncated to uint8 on the way in.
+    # Non-integral pixels (a client resizing in float) are not truncated to uint8 on the way in,
+    # as the training model's uint8 input does: the file matches the float32 Keras copy.
     half = images[:2] + 0.5
-    assert np.abs(runner(half) - model(half, training=False).numpy()).max() < 1e-4
+    float_keras = formats.deploy_model(model, SIZE)(half, training=False).numpy()
+    assert np.abs(float_keras - model(half, training=False).numpy()).max() > 1e-3
+    assert np.abs(runner(half) - float_keras).max() < 1e-4
     # Loading and running the file imported no TensorFlow module it had not already imported.
     assert {n for n in sys.modules if n.split(".")[0] == "tensorflow"} == tf_modules
     sidecar = json.load(open(output + ".json", encoding="utf-8"))
