@@ -19,7 +19,7 @@ import sys
 from absl import flags
 
 from keras_resnet import cli, logs
-from keras_resnet.serving import formats
+from keras_resnet.serving import deploy, formats
 
 
 def define_flags(values):
@@ -78,7 +78,7 @@ def main(flag_values, args):
                              f"{flag_values.calibration_images}.")
     try:
         for module in fmt.converters:  # before the model loads: say at once what to install
-            formats.require(module, fmt.extra)
+            deploy.require(module, fmt.extra)
     except ImportError as e:
         return _fail(str(e))
     logs.import_tensorflow()  # before any TensorFlow import: without its start-up noise
