@@ -23,6 +23,9 @@ def define_flags(values):
                         flag_values=values)
     flags.DEFINE_integer("image_size", None, "Eval crop size (default: the model's input size; "
                          "required when the model input size is dynamic).", flag_values=values)
+    flags.DEFINE_integer("resize_size", None, "Shorter side before the crop (default: the "
+                         "training run's --eval_resize_size from config.json beside the model, "
+                         "else image_size x 256/224).", flag_values=values)
 
 
 def main(flag_values, args):
@@ -44,17 +47,32 @@ def main(flag_values, args):
         return _fail(f"model file {path} not found.")
     try:
         model = keras.saving.load_model(path, compile=False)
-        image_size = flag_values.image_size or model.inputs[0].shape[1]
+        trained = _run_eval_sizes(path)
+        image_size = flag_values.image_size or model.inputs[0].shape[1] or trained.get("crop")
+        resize_size = flag_values.resize_size or (
+            trained.get("resize") if image_size == trained.get("crop") else 0) or 0
         if image_size is None:
             return _fail(f"{path} takes images of any size; pass --image_size.")
         class_ids, class_names = export.load_classes_for(path, model.outputs[0].shape[-1],
                                                          flag_values.classes)
         version_dir = export.export_saved_model(model, flag_values.export_dir, image_size=image_size,
-                                                class_ids=class_ids, class_names=class_names)
+                                                class_ids=class_ids, class_names=class_names,
+                                                resize_size=resize_size)
     except (ValueError, TypeError, OSError) as e:
         return _fail(str(e).splitlines()[0])
     print(version_dir)
     return 0
+
+
+def _run_eval_sizes(model_path):
+    """{"crop", "resize"} of the training run's evaluation (config.json beside the model), or {}."""
+    from keras_resnet.files import read_json
+
+    config = read_json(os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json"))
+    if not config:
+        return {}
+    crop = config.get("eval_image_size") or config.get("image_size")
+    return {"crop": crop, "resize": config.get("eval_resize_size") or 0}
 
 
 def _fail(message):

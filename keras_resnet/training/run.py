@@ -18,7 +18,9 @@ from keras_resnet.files import atomic_path, read_json, write_json_atomic
 from keras_resnet.model.resnet import build_resnet
 from keras_resnet.training import checkpoint as ckpt_lib
 from keras_resnet.training import distribute
-from keras_resnet.training.optim import SparseCrossentropy, WarmupSchedule
+from keras_resnet.training import recipe
+from keras_resnet.training.optim import (SparseCrossentropy, WarmupSchedule, accuracy_metrics,
+                                         apply_norm_weight_decay)
 
 RESULTS_JSON = "results.json"
 HISTORY_CSV = "history.csv"
@@ -49,10 +51,10 @@ class Interrupted(Exception):
 
 def make_model(config, num_classes):
     """The network for `config`: uint8 RGB in, float32 probabilities out."""
-    return build_resnet(
+    model = build_resnet(
         config.depth,
         num_classes=num_classes,
-        input_shape=(config.image_size, config.image_size, 3),
+        input_shape=recipe.model_input_shape(config),
         dropout=config.dropout,
         l2=config.l2,
         l1=config.l1,
@@ -61,6 +63,8 @@ def make_model(config, num_classes):
         conv_bias=config.conv_bias,
         include_preprocessing=True,
     )
+    apply_norm_weight_decay(model, config.norm_weight_decay)
+    return model
 
 
 def summarize(config, num_classes=1000):
@@ -96,8 +100,7 @@ def _compile(model, config, num_classes, steps_per_epoch):
         loss=SparseCrossentropy(num_classes, label_smoothing=config.label_smoothing),
         # Weighted: the weight-0 padding of multi-replica evaluation does not count (Keras
         # ignores sample weights in `metrics`). Training has no weights: plain accuracy.
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                          keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")],
+        weighted_metrics=accuracy_metrics(recipe.uses_soft_labels(config)),
         jit_compile=jit,
     )
     return model.optimizer  # LossScaleOptimizer under mixed_float16
@@ -257,15 +260,16 @@ def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoc
         def train_fn(ctx):
             return ds_lib.synthetic_dataset(
                 batch_size=ctx.get_per_replica_batch_size(config.batch_size),
-                image_size=config.image_size, num_classes=num_classes, seed=config.seed)
+                image_size=config.resolved_train_image_size, num_classes=num_classes,
+                seed=config.seed)
         return strategy.distribute_datasets_from_function(train_fn), None, None
 
     train_cache = _train_cache(config, source)
 
     def train_fn(ctx):
         return ds_lib.build_train_dataset(
-            source.train, global_batch_size=config.batch_size, image_size=config.image_size,
-            seed=config.seed, start_epoch=start_epoch, num_epochs=num_epochs,
+            source.train, global_batch_size=config.batch_size,
+            **recipe.train_dataset_options(config, num_classes), seed=config.seed, start_epoch=start_epoch, num_epochs=num_epochs,
             skip_steps=skip_steps, input_context=ctx, deterministic=config.deterministic,
             cache=_cache_for(train_cache, ctx, source.train, "train"), data_service=config.tf_data_service or None,
             max_steps_per_epoch=steps_per_epoch)
@@ -283,9 +287,11 @@ def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoc
 
         def val_fn(ctx):
             val = ds_lib.build_eval_dataset(
-                source.val, global_batch_size=config.batch_size, image_size=config.image_size,
-                input_context=ctx,
-                cache=_cache_for(config.cache, ctx, source.val, "val", config.image_size))
+                source.val, global_batch_size=config.batch_size,
+                **recipe.eval_dataset_options(config), input_context=ctx,
+                cache=_cache_for(config.cache, ctx, source.val, "val",
+                                 config.resolved_eval_image_size,
+                                 config.resolved_eval_resize_size))
             if several:  # elements are per-replica batches; a step takes one per local replica
                 local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
                 return val.take(val_steps * local).repeat()
@@ -351,6 +357,7 @@ def train_and_evaluate(config):
         tf.config.experimental.enable_op_determinism()
     else:
         keras.utils.set_random_seed(config.seed)
+    recipe.log_recipe(config)
     policy = distribute.choose_precision(config.mixed_precision, strategy)
     keras.mixed_precision.set_global_policy(policy)
 
@@ -373,9 +380,11 @@ def train_and_evaluate(config):
     with strategy.scope():
         model = make_model(config, num_classes)
         optimizer = _compile(model, config, num_classes, steps_per_epoch)
+        ema = recipe.make_ema(config, model)
         ckpt = ckpt_lib.TrainingCheckpoint(model, optimizer,
                                            os.path.join(model_dir, ckpt_lib.CHECKPOINT_SUBDIR),
-                                           keep=config.keep_checkpoints, write=writer)
+                                           keep=config.keep_checkpoints, write=writer,
+                                           extra=ema.trackables() if ema else None)
         try:
             if writer:
                 ckpt_lib.check_run_identity(model_dir, identity)
@@ -406,8 +415,13 @@ def train_and_evaluate(config):
         checkpoint_cb = ckpt_lib.CheckpointCallback(
             ckpt, steps_per_epoch, config.checkpoint_every_steps, config.checkpoint_every_secs,
             model_dir, stop, write=writer,
-            agree=replicas.any_worker(strategy) if multi else None)
+            agree=replicas.any_worker(strategy) if multi else None,
+            monitor="val_top1_ema" if ema else "val_top1",
+            best_weights=ema.swapped if ema else None)
         callbacks = _callbacks(model_dir, writer, checkpoint_cb, throughput)
+        ema_cb = recipe.ema_lib.EMACallback(ema) if ema else None
+        if ema_cb:  # before the checkpoint callback: it picks the best model on the EMA's logs
+            callbacks.insert(callbacks.index(checkpoint_cb), ema_cb)
         verbose, progress = _progress(config, steps_per_epoch)
         if strategy.num_replicas_in_sync > 1:  # first: later callbacks see averaged BN stats
             callbacks.insert(0, replicas.SyncWorkers())
@@ -424,6 +438,8 @@ def train_and_evaluate(config):
                     config, source, num_classes, strategy, steps_per_epoch, first_epoch, skip,
                     num_epochs)
                 checkpoint_cb.step_offset = skip
+                if ema_cb:
+                    ema_cb.validation_data, ema_cb.validation_steps = val_ds, val_steps
                 # epochs=config.epochs in both calls, so the log says "Epoch 2/90", not "2/2";
                 # the call for the rest of an epoch stops after it.
                 stop_after = [_StopAfterEpoch(first_epoch)] if skip else []
@@ -459,6 +475,8 @@ def train_and_evaluate(config):
                 f"run the same command on every worker to resume from the last checkpoint in "
                 f"{ckpt.restore_directory}.") from None
 
+    if ema:  # the final model, export and results are the EMA's
+        ema.copy_to_model()
     return _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch, optimizer,
                    throughput)
 
@@ -468,7 +486,8 @@ def _best_metrics(model_dir):
     best_path = os.path.join(model_dir, ckpt_lib.BEST_MODEL)
     best = read_json(os.path.join(model_dir, ckpt_lib.BEST_JSON))
     if best and os.path.exists(best_path):
-        return {k: best.get(f"val_{k}") for k in ("top1", "top5", "loss")}, best_path
+        keys = ("top1", "top5", "loss", "top1_ema", "top5_ema", "loss_ema")
+        return {k: best.get(f"val_{k}") for k in keys}, best_path
     return {}, None
 
 
@@ -490,7 +509,9 @@ def _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch,
         logging.info("Exporting the %s model as a SavedModel under %s ...",
                      "best" if best_path else "final", config.resolved_export_dir)
         export_path = export.export_saved_model(
-            serving_model, config.resolved_export_dir, image_size=config.image_size,
+            serving_model, config.resolved_export_dir,
+            image_size=config.resolved_eval_image_size,
+            resize_size=config.resolved_eval_resize_size,
             class_ids=class_ids, class_names=class_names)
     history = _read_history(os.path.join(model_dir, HISTORY_CSV))
     rates = [r for r in history.get("images_per_sec", []) if r > 0] or throughput.train_images_per_sec
@@ -498,6 +519,9 @@ def _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch,
         "val_top1": metrics.get("top1"),
         "val_top5": metrics.get("top5"),
         "val_loss": metrics.get("loss"),
+        "val_top1_ema": metrics.get("top1_ema"),
+        "val_top5_ema": metrics.get("top5_ema"),
+        "ema": config.ema,
         "best_checkpoint": best_path,
         "epochs": config.epochs,
         "steps_per_epoch": steps_per_epoch,
