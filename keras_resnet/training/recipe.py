@@ -56,3 +56,24 @@ def log_recipe(config):
     text = "\n".join("  " + line for line in config.recipe_lines())
     logging.info("Recipe:\n%s", text)
     print("Recipe:\n" + text, flush=True)
+
+
+def best_model_options(ema):
+    """CheckpointCallback arguments: with an EMA, the best model is chosen on, and saved from,
+    the EMA weights."""
+    if ema is None:
+        return {}
+    return dict(monitor="val_top1_ema", best_weights=ema.swapped)
+
+
+def with_ema_callback(callbacks, ema, validation_data, validation_steps):
+    """`callbacks` with the EMA's callback before the checkpoint callback (which then sees the
+    `val_*_ema` logs); unchanged without an EMA."""
+    if ema is None:
+        return callbacks
+    from keras_resnet.training import checkpoint
+
+    ema_cb = ema_lib.EMACallback(ema, validation_data, validation_steps)
+    at = next((i for i, c in enumerate(callbacks)
+               if isinstance(c, checkpoint.CheckpointCallback)), len(callbacks))
+    return callbacks[:at] + [ema_cb] + callbacks[at:]
