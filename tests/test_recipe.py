@@ -233,3 +233,19 @@ def test_train_main_rejects_bad_recipe_flags_in_one_line():
                             cwd=REPO)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--repeated_aug=0; use an integer >= 1" in result.stderr
+
+
+def test_show_augment_writes_a_png_grid_with_mixed_labels(data_dir, tmp_path):
+    from keras_resnet import show_augment
+
+    out = tmp_path / "grid" / "aug.png"
+    code = show_augment.run([f"--flagfile={os.path.join(REPO, 'configs', 'resnet_v2.flags')}",
+                             "--dataset=imagenet", f"--data_dir={data_dir}",
+                             "--train_image_size=32", "--num_images=4", f"--out={out}"])
+    assert code == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.parent.iterdir()] == ["aug.png"]  # no temp file left
+    assert show_augment.label_text(np.array([0.0, 0.75, 0.25]), ["a", "b", "c"]) == "b 0.75 + c 0.25"
+    assert show_augment.label_text(np.array([0.0, 1.0, 0.0]), ["a", "b", "c"]) == "b"
+    bad = show_augment.run(["--mixup_alpha=-1", f"--out={out}"])
+    assert bad == 2
