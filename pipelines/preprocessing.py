@@ -104,7 +104,8 @@ def _resize_uint8(image, size, antialias: bool) -> tf.Tensor:
     return tf.cast(image + 0.5, tf.uint8)
 
 
-def _decode_and_random_crop(image_bytes, seed, area_range, aspect_range) -> tf.Tensor:
+def _decode_and_random_crop(image_bytes, seed, area_range=CROP_AREA_RANGE,
+                            aspect_range=CROP_ASPECT_RANGE) -> tf.Tensor:
     """Decodes only the random crop of a JPEG (fused, faster); other formats decode fully."""
     window_of = lambda shape: sample_crop_window(shape, seed, area_range, aspect_range)  # noqa
 
