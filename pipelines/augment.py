@@ -252,17 +252,21 @@ def random_erasing(image, seed, p: float = 0.5, value: str = "mean", scale=(0.02
     shape = tf.shape(image)
     top, left, eh, ew = tf.unstack(erase_box(shape, box_seed, scale, ratio))
     erase = tf.random.stateless_uniform([], apply_seed) < p
-    rows = tf.range(shape[0])[:, None, None]
-    cols = tf.range(shape[1])[None, :, None]
-    inside = erase & (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
-    mean = tf.constant([255.0 * m for m in MEAN_RGB])
-    if value == "random":
-        noise = tf.random.stateless_normal(shape, noise_seed)
-        fill = mean + noise * tf.constant([255.0 * s for s in STD_RGB])
-    else:
-        fill = tf.broadcast_to(mean, shape)
-    fill = tf.cast(tf.clip_by_value(tf.round(fill), 0.0, 255.0), tf.uint8)
-    return tf.where(inside, fill, image)
+
+    def erased():  # only for the erased fraction p: the mask and fill cost a pass over the image
+        rows = tf.range(shape[0])[:, None, None]
+        cols = tf.range(shape[1])[None, :, None]
+        inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+        if value == "random":
+            noise = tf.random.stateless_normal(shape, noise_seed)
+            fill = tf.constant([255.0 * m for m in MEAN_RGB]) + noise * tf.constant(
+                [255.0 * s for s in STD_RGB])
+            fill = tf.cast(tf.clip_by_value(tf.round(fill), 0.0, 255.0), tf.uint8)
+        else:
+            fill = tf.constant([round(255.0 * m) for m in MEAN_RGB], tf.uint8)
+        return tf.where(inside, fill, image)
+
+    return tf.cond(erase, erased, lambda: image)
 
 
 @dataclasses.dataclass(frozen=True)
