@@ -95,10 +95,12 @@ def sidecar_path(path):
     return path + SIDECAR_SUFFIX
 
 
-def write_sidecar(path, *, fmt, image_size, class_ids, class_names):
-    """Written before the model file, so a client that sees the model also sees its classes."""
+def write_sidecar(path, *, fmt, image_size, class_ids, class_names, resize_size=0):
+    """Written before the model file, so a client that sees the model also sees its classes.
+    `resize_size`: the shorter side before the center crop (0: image_size x 256/224)."""
     files.write_json_atomic(sidecar_path(path), {
         "format": fmt, "image_size": image_size, "input": INPUT_NAME, "output": OUTPUT_NAME,
+        "resize_size": resize_size or round(image_size * 256 / 224),
         "preprocessing": CONTRACT, "class_ids": list(class_ids),
         "class_names": list(class_names)})
 

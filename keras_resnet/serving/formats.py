@@ -2,7 +2,8 @@
 
 The SavedModel takes JPEG/PNG bytes (see serving/export.py); every other format follows the
 input contract of serving/deploy.py. A writer is
-`writer(model, output, *, image_size, class_ids, class_names, calibration) -> path`, where
+`writer(model, output, *, image_size, class_ids, class_names, calibration, resize_size)
+-> path` (resize_size: the shorter side before the crop, 0: image_size x 256/224), where
 `calibration` is a zero-argument callable yielding float32 [1, S, S, 3] images from the
 training split (only quantizing writers call it). Adding a format is one `FORMATS` entry.
 """
@@ -27,11 +28,12 @@ class Format:
     converters: tuple = ()    # modules the writer imports (checked before a model is loaded)
 
 
-def _saved_model(model, output, *, image_size, class_ids, class_names, calibration=None):
+def _saved_model(model, output, *, image_size, class_ids, class_names, calibration=None,
+                 resize_size=0):
     from keras_resnet.serving import export
 
     return export.export_saved_model(model, output, image_size=image_size, class_ids=class_ids,
-                                     class_names=class_names)
+                                     class_names=class_names, resize_size=resize_size)
 
 
 def _onnx(*args, **kwargs):

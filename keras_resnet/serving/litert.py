@@ -46,7 +46,7 @@ def to_tflite(model, *, image_size, calibration=None):
 
 
 def write_litert(model, output, *, image_size, class_ids, class_names, calibration=None,
-                 quantize=False):
+                 resize_size=0, quantize=False):
     """Writes `output` (.tflite) and `<output>.json` atomically; returns `output`."""
     fmt = "litert_int8" if quantize else "litert"
     if quantize and calibration is None:
@@ -54,7 +54,7 @@ def write_litert(model, output, *, image_size, class_ids, class_names, calibrati
                          "(--dataset, --data_dir and --calibration_images).")
     data = to_tflite(model, image_size=image_size, calibration=calibration if quantize else None)
     deploy.write_sidecar(output, fmt=fmt, image_size=image_size, class_ids=class_ids,
-                          class_names=class_names)
+                          class_names=class_names, resize_size=resize_size)
     return files.write_bytes_atomic(output, data)
 
 

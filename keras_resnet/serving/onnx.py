@@ -86,7 +86,7 @@ def quantize(proto, calibration):
 
 
 def write_onnx(model, output, *, image_size, class_ids, class_names, calibration=None,
-               quantized=False):
+               resize_size=0, quantized=False):
     """Writes `output` (.onnx) and its `<output>.json` atomically; returns `output`.
     `quantized`: int8 from `calibration` (a callable yielding float32 [1, S, S, 3] images)."""
     fmt = "onnx_int8" if quantized else "onnx"
@@ -98,7 +98,7 @@ def write_onnx(model, output, *, image_size, class_ids, class_names, calibration
     if quantized:
         proto = quantize(proto, calibration)
     deploy.write_sidecar(output, fmt=fmt, image_size=image_size, class_ids=class_ids,
-                          class_names=class_names)
+                          class_names=class_names, resize_size=resize_size)
     return files.write_bytes_atomic(output, proto.SerializeToString())
 
 

@@ -17,7 +17,8 @@ from keras_resnet import files
 from keras_resnet.serving import deploy
 
 
-def write_openvino(model, output, *, image_size, class_ids, class_names, calibration=None):
+def write_openvino(model, output, *, image_size, class_ids, class_names, calibration=None,
+                   resize_size=0):
     """Writes `output` (.xml), the weights beside it (.bin) and `<output>.json`; returns `output`.
 
     Both files are written in a temporary directory and renamed into place, the weights first, so
@@ -27,7 +28,7 @@ def write_openvino(model, output, *, image_size, class_ids, class_names, calibra
     ov_model = ov.convert_model(
         deploy.serving_function(model, image_size).get_concrete_function())
     deploy.write_sidecar(output, fmt="openvino", image_size=image_size, class_ids=class_ids,
-                          class_names=class_names)
+                          class_names=class_names, resize_size=resize_size)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     files.remove_stale_temps(parent)
