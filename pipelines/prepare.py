@@ -51,8 +51,7 @@ MANIFEST = ".keras_resnet_prepare.json"
 ORDER_FILE = ".keras_resnet_prepare_order.npz"
 DATASET_INFO = "dataset_info.json"
 FILE_FORMAT = "tfrecord"
-# Split names: ours -> TFDS's (TFDS's imagenet2012 and most TFDS datasets say "validation").
-SPLITS = {"train": "train", "val": "validation"}
+SPLITS = sources.SHARDS_SPLITS   # ours -> TFDS's ("validation", as imagenet2012 says)
 DEFAULT_SHARD_MB = 128.0    # ~1040 train / ~50 validation shards for ImageNet (~140 + 6.4 GB)
 REPAIR_QUALITY = 100        # what TFDS's imagenet2012 uses for its CMYK and PNG repairs
 SIZE_SAMPLE = 2000          # files whose sizes estimate a split's bytes (for the shard count)
