@@ -147,7 +147,9 @@ def repaired_jpeg(data: bytes) -> bytes:
     from pipelines import preprocessing
 
     image = preprocessing.decode_image(tf.constant(data))
-    return tf.io.encode_jpeg(image, format="rgb", quality=REPAIR_QUALITY).numpy()
+    # Full-resolution chroma: 4:2:0 subsampling alone moves a noisy pixel by ~10 levels.
+    return tf.io.encode_jpeg(image, format="rgb", quality=REPAIR_QUALITY,
+                             chroma_downsampling=False).numpy()
 
 
 def serialize_record(image: bytes, label: int, file_name: str) -> bytes:
@@ -160,7 +162,10 @@ def serialize_record(image: bytes, label: int, file_name: str) -> bytes:
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
         "file_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[file_name.encode()])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: map entries in key order (else in a hash order that differs by process, and a
+    # resumed prepare would write other bytes than an uninterrupted one).
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+        deterministic=True)
 
 
 def features(class_ids):
@@ -348,7 +353,7 @@ def prepare(data_dir: str, out: str, *, name: str = "", seed: int = 0,
     if not _is_remote(out):
         remove_stale_temps(out)
     orders = _write_orders(out, plan)
-    _write_out(_join(out, MANIFEST), json.dumps(plan, indent=1).encode())
+    _write_out(_join(out, MANIFEST), json.dumps(plan, indent=1, sort_keys=True).encode())
 
     tasks = []
     for ours, tfds_name in SPLITS.items():
@@ -403,10 +408,17 @@ def _write_tasks(out, plan, image_root, tasks, workers, stop_after):
     if not tasks:
         return
     workers = workers or os.cpu_count() or 1
-    counter = multiprocessing.get_context("spawn").Value("q", 0)
     total = sum(len(t[3]) for t in tasks)
     bar = tqdm(total=total, unit=" img", desc="writing shards", file=sys.stderr, smoothing=0.05,
                mininterval=1.0)
+    if workers == 1:   # in this process: also the way to write to a per-process ram:// path
+        with bar:
+            for split, i, path, items in tasks:
+                plan["done"][split][str(i)] = write_shard(path, image_root, items)
+                bar.update(len(items))
+                _write_out(_join(out, MANIFEST), json.dumps(plan, indent=1, sort_keys=True).encode())
+        return
+    counter = multiprocessing.get_context("spawn").Value("q", 0)
     # spawn: the parent has TensorFlow loaded (the index), which fork would copy in a bad state.
     with bar, concurrent.futures.ProcessPoolExecutor(
             max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
@@ -423,7 +435,7 @@ def _write_tasks(out, plan, image_root, tasks, workers, stop_after):
                     split, i = futures[future]
                     plan["done"][split][str(i)] = future.result()
                 if finished:
-                    _write_out(_join(out, MANIFEST), json.dumps(plan, indent=1).encode())
+                    _write_out(_join(out, MANIFEST), json.dumps(plan, indent=1, sort_keys=True).encode())
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -469,7 +481,10 @@ def write_metadata(out, plan, class_names) -> None:
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import dataset_info, file_adapters, naming
 
-    template = naming.ShardedFileTemplate(data_dir=out, dataset_name=plan["name"],
+    tmp = tempfile.mkdtemp(prefix="prepare-metadata-")
+    # TFDS paths go through etils.epath, which knows local, gs:// and s3:// but not every gfile
+    # filesystem: describe the dataset in a local folder, then copy the files to `out`.
+    template = naming.ShardedFileTemplate(data_dir=tmp, dataset_name=plan["name"],
                                           filetype_suffix=FILE_FORMAT)
     split_infos = []
     for split, info in plan["splits"].items():
@@ -481,7 +496,7 @@ def write_metadata(out, plan, class_names) -> None:
     info = dataset_info.DatasetInfo(
         builder=dataset_info.DatasetIdentity(name=plan["name"],
                                              version=tfds.core.Version(DATASET_VERSION),
-                                             data_dir=out, module_name=""),
+                                             data_dir=tmp, module_name=""),
         description=f"Images of {plan['data_dir']} as encoded bytes with labels and file names, "
                     "written by keras_resnet's pipelines.prepare.",
         features=features(plan["class_ids"]),
@@ -492,12 +507,14 @@ def write_metadata(out, plan, class_names) -> None:
     )
     info.set_file_format(file_adapters.FileFormat.TFRECORD)
     info.set_splits(tfds.core.SplitDict(split_infos))
-    with tempfile.TemporaryDirectory() as tmp:
+    try:
         info.write_to_directory(tmp)
         names = sorted(os.listdir(tmp), key=lambda n: (n == DATASET_INFO, n))
         for n in names:   # dataset_info.json last: its presence means the dataset is complete
             with open(os.path.join(tmp, n), "rb") as f:
                 _write_out(_join(out, n), f.read())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def define_flags(values):

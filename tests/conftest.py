@@ -16,3 +16,7 @@ def _float32_policy():
     keras.mixed_precision.set_global_policy("float32")
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long test (the fast tier runs -m 'not slow')")
