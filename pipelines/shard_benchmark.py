@@ -73,6 +73,7 @@ def make_startup_tree(root, train_files, val_files, seed_images):
     from pipelines.layout import KAGGLE_IMAGE_ROOT, SYNSET_MAPPING, VAL_SOLUTION
 
     image_root = os.path.join(root, KAGGLE_IMAGE_ROOT)
+    os.makedirs(root, exist_ok=True)
     wnids = [f"n{1440764 + i:08d}" for i in range(1000)]
     wnids[0] = "n01440764"
     with open(os.path.join(root, SYNSET_MAPPING), "w") as f:
@@ -94,6 +95,20 @@ def make_startup_tree(root, train_files, val_files, seed_images):
     with open(os.path.join(root, VAL_SOLUTION), "w") as f:
         f.write("ImageId,PredictionString\n")
         f.writelines(rows)
+
+
+def small_jpegs(folder, count=8, size=(80, 60)):
+    """`count` small noisy JPEGs (a few KiB each): the start-up tree measures listing, not bytes."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder)
+    rng, paths = np.random.default_rng(0), []
+    for i in range(count):
+        paths.append(os.path.join(folder, f"seed_{i}.JPEG"))
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            paths[-1], quality=90)
+    return paths
 
 
 def startup_seconds(dataset_name, data_dir):
@@ -144,11 +159,10 @@ def main(argv=None):
                 print(" | ".join(rows[-1]), flush=True)
         if args.startup_files:
             big = os.path.join(work, "startup")
-            seeds = [os.path.join(tree, "train", c, f) for c in sorted(os.listdir(
-                os.path.join(tree, "train"))) for f in sorted(os.listdir(
-                    os.path.join(tree, "train", c)))][:8]
+            seeds = small_jpegs(os.path.join(work, "seeds"))   # 1.28M x 110 KiB would not fit
             start = time.perf_counter()
-            make_startup_tree(big, args.startup_files, 50_000, seeds)
+            make_startup_tree(big, args.startup_files, args.startup_files * 50_000 // 1_281_167,
+                              seeds)
             print(f"hardlink tree: {time.perf_counter() - start:.0f} s", flush=True)
             start = time.perf_counter()
             seed_mib = sum(os.path.getsize(s) for s in seeds) / len(seeds) / 2**20
