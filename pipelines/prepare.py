@@ -445,16 +445,14 @@ def _write_tasks(out, plan, image_root, tasks, workers, stop_after):
 def verify_counts(out, plan) -> None:
     """Reads every shard back and checks each split's record count against the source index
     (less the files that could not be read while writing)."""
-    import tensorflow as tf
     from tqdm import tqdm
 
-    paths = [_join(out, shard_name(plan["name"], s, i, info["num_shards"]))
-             for s, info in plan["splits"].items() for i in range(info["num_shards"])]
+    shards = [(s, _join(out, shard_name(plan["name"], s, i, info["num_shards"])))
+              for s, info in plan["splits"].items() for i in range(info["num_shards"])]
     counts = {}
-    with tqdm(total=len(paths), unit=" shards", desc="verifying", file=sys.stderr,
+    with tqdm(total=len(shards), unit=" shards", desc="verifying", file=sys.stderr,
               mininterval=1.0) as bar:
-        for path, n in zip(paths, _count_records(paths)):
-            split = path.rsplit("/", 1)[-1].split("-")[1].split(".")[0]
+        for (split, _), n in zip(shards, _count_records([p for _, p in shards]), strict=True):
             counts[split] = counts.get(split, 0) + n
             bar.update(1)
     for split, info in plan["splits"].items():

@@ -80,7 +80,7 @@ def make_startup_tree(root, train_files, val_files, seed_images):
         f.writelines(f"{w} class {i}\n" for i, w in enumerate(wnids))
     per_class = [train_files // 1000 + (i < train_files % 1000) for i in range(1000)]
     k = 0
-    for wnid, count in zip(wnids, per_class):
+    for wnid, count in zip(wnids, per_class, strict=True):
         folder = os.path.join(image_root, "train", wnid)
         os.makedirs(folder)
         for n in range(count):

@@ -227,7 +227,7 @@ def test_shards_hold_the_pixels_and_labels_of_the_files(tree, out):
     def evaluated(split):
         ds = ds_lib.build_eval_dataset(split, global_batch_size=4, image_size=32)
         return sorted((hashlib.sha1(x.tobytes()).hexdigest(), int(y))
-                      for xs, ys in ds.as_numpy_iterator() for x, y in zip(xs, ys))
+                      for xs, ys in ds.as_numpy_iterator() for x, y in zip(xs, ys, strict=True))
 
     files, shards = sources.load_source("imagenet", tree["root"]), sources.load_source(
         "shards", out)
