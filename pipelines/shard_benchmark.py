@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+LINKS_PER_FILE = 60_000   # ext4 allows 65,000 hard links to one file
 STARTUP_SCRIPT = r"""
 import sys, time
 start = float(sys.argv[1])
@@ -131,6 +132,7 @@ def main(argv=None):
     parser.add_argument("--startup_files", type=int, default=1_281_167,
                         help="train files of the start-up tree (0: skip that part)")
     parser.add_argument("--work_dir", default=tempfile.gettempdir())
+    parser.add_argument("--skip_throughput", action="store_true")
     args = parser.parse_args(argv)
 
     from pipelines import benchmark, prepare, sources
@@ -149,7 +151,7 @@ def main(argv=None):
         print(f"{args.images} images ({mib:.0f} MiB), {len(shards.train.shards.paths)} shards, "
               f"batch {args.batch_size}, size {args.image_size}, {os.cpu_count()} CPUs",
               flush=True)
-        for cache in ("warm", "cold"):
+        for cache in () if args.skip_throughput else ("warm", "cold"):
             for name, source in (("files", files), ("shards", shards)):
                 rate = throughput(source.train, args.batch_size, args.image_size, args.passes,
                                   cold=cache == "cold")
@@ -159,7 +161,9 @@ def main(argv=None):
                 print(" | ".join(rows[-1]), flush=True)
         if args.startup_files:
             big = os.path.join(work, "startup")
-            seeds = small_jpegs(os.path.join(work, "seeds"))   # 1.28M x 110 KiB would not fit
+            # Small files (1.28M x 110 KiB would not fit), at most LINKS_PER_FILE links to each.
+            seeds = small_jpegs(os.path.join(work, "seeds"),
+                                count=-(-args.startup_files * 2 // LINKS_PER_FILE) + 1)
             start = time.perf_counter()
             make_startup_tree(big, args.startup_files, args.startup_files * 50_000 // 1_281_167,
                               seeds)
