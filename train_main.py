@@ -22,7 +22,8 @@ HELP = {
     "conv_bias": "Give every convolution a bias (PyTorch's nn.Conv2d default, as in the PyTorch ResNet-152 tutorial).",
     "dropout": "Dropout rate before the classifier (0 disables it).",
     "zero_init_residual": "Start the last BatchNorm gamma of each residual block at zero.",
-    "dataset": "imagenet (Kaggle or ImageFolder layout at --data_dir), demo, synthetic, tfds:NAME.",
+    "dataset": "imagenet (Kaggle or ImageFolder layout at --data_dir), demo, shards (the --out of "
+               "python -m pipelines.prepare), synthetic, tfds:NAME.",
     "data_dir": "Where the dataset lies (for demo: where it is generated on first use). Default: "
                 "data/imagenet, data/demo, or TFDS's data dir for tfds:NAME.",
     "check_images": "Per-file check when the file index is built: header (empty, truncated and "

@@ -30,6 +30,12 @@ _ORDER_SALT, _AUGMENT_SALT, _MIX_SALT = 0, 1, 2
 CACHE_MAX_BYTES = 1 << 30
 # Shuffle buffer for splits given as records (TFDS), which have no file list to permute.
 RECORDS_SHUFFLE_BUFFER = 10_000
+# Prepared shards (pipelines.prepare): an input pipeline reads SHARD_CYCLE shards at a time,
+# round robin, and permutes each window of SHUFFLE_WINDOW consecutive records (see _shard_plan).
+SHARD_CYCLE = 16
+SHUFFLE_WINDOW = 1024
+SHARD_READ_BUFFER = 1 << 20   # bytes of read-ahead per open shard (large for remote storage)
+_WINDOW_SALT = 2
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -77,6 +83,8 @@ def split_fingerprint(split, *extra) -> str:
     if _has_files(split):
         digest.update("\n".join(map(str, split.files)).encode())
         digest.update(np.asarray(split.labels, np.int64).tobytes())
+    elif getattr(split, "shards", None) is not None:
+        digest.update("\n".join(split.shards.paths).encode() + repr(split.shards.lengths).encode())
     else:
         digest.update(f"records:{split.num_examples}".encode())
     return digest.hexdigest()[:12]
@@ -145,6 +153,125 @@ def _record_positions(records, examples_per_epoch, seed, start_epoch, num_epochs
 
     epochs = [epoch_records(e) for e in range(start_epoch, start_epoch + num_epochs)]
     return functools.reduce(lambda a, b: a.concatenate(b), epochs)
+
+
+def round_robin_state(lengths, consumed: int):
+    """After `consumed` records of a round-robin interleave (one record per shard in turn, an
+    exhausted shard left out) of shards with `lengths`: (records read from each shard, index of
+    the shard read next). Lets a resumed epoch reopen the shards at those records."""
+    lengths = np.asarray(lengths, np.int64)
+    lo, hi = 0, int(lengths.max(initial=0))
+    while lo < hi:   # the most whole rounds r with sum(min(length, r)) <= consumed
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if np.minimum(lengths, mid).sum() <= consumed else (lo, mid - 1)
+    offsets = np.minimum(lengths, lo)
+    rest = consumed - int(offsets.sum())
+    alive = np.flatnonzero(lengths > lo)
+    offsets[alive[:rest]] += 1
+    return offsets, (int(alive[rest]) if rest < len(alive) else 0)
+
+
+def _reads_own_shards(lengths, num_pipelines: int, quota: int) -> bool:
+    """Whether every input pipeline's share of whole shards (the smallest it can draw) holds
+    its `quota` records of an epoch; else pipelines read all shards and keep every n-th record."""
+    share = len(lengths) // num_pipelines
+    return num_pipelines == 1 or (share > 0 and int(np.sort(lengths)[:share].sum()) >= quota)
+
+
+def _shard_plan(lengths, seed, epochs, pipeline_id, num_pipelines, own_shards, skip_records):
+    """Per epoch: the groups of shards this pipeline reads and the records to skip in each.
+
+    Epoch e reads the shards in a permutation drawn from (seed, e) (each pipeline the shards
+    p, p + n, p + 2n, ... of it when `own_shards`), SHARD_CYCLE at a time, round robin.
+    `skip_records`: records of the first epoch's stream already trained on; groups before them
+    are dropped and the group holding them reopens each shard at its record (round_robin_state)
+    and rotates the round to the shard read next, so the stream continues where it stopped.
+    Returns (shard index [E, G, C] with -1 padding, records to skip [E, G, C]).
+    """
+    plans = []
+    for i, epoch in enumerate(epochs):
+        order_seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([seed, _ORDER_SALT], tf.int64), epoch)
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(lengths), dtype=tf.int64), seed=order_seed).numpy()
+        mine = order[pipeline_id::num_pipelines] if own_shards else order
+        groups, consumed = [], skip_records if i == 0 else 0
+        for g in range(0, len(mine), SHARD_CYCLE):
+            shards = mine[g:g + SHARD_CYCLE]
+            size = int(lengths[shards].sum())
+            if consumed >= size:
+                consumed -= size
+                continue
+            offsets, first = round_robin_state(lengths[shards], consumed)
+            consumed = 0
+            turn = np.roll(np.arange(len(shards)), -first)
+            groups.append((shards[turn], offsets[turn]))
+        plans.append(groups)
+    width = max(len(p) for p in plans)
+    index = np.full((len(plans), width, SHARD_CYCLE), -1, np.int64)
+    skips = np.zeros_like(index)
+    for e, groups in enumerate(plans):
+        for g, (shards, offsets) in enumerate(groups):
+            index[e, g, :len(shards)], skips[e, g, :len(shards)] = shards, offsets
+    return index, skips
+
+
+def _shard_positions(shards, examples_per_epoch, seed, start_epoch, num_epochs, skip,
+                     pipeline_id, num_pipelines):
+    """Dataset of (epoch, position, image_bytes, label) read shard by shard (prepared shards).
+
+    The record at each position is a pure function of (seed, epoch, number of input pipelines):
+    shard order and round robin (_shard_plan), then each window of SHUFFLE_WINDOW records of the
+    pipeline's stream is permuted with a seed from (seed, epoch, window). Resume skips whole
+    shards, then records inside the few open ones, without decoding any image.
+    With several input pipelines each reads its own shards (positions p * n + id) when the
+    shards divide well enough, else all shards keeping records p % n == id (as file lists do).
+    """
+    lengths = np.asarray(shards.lengths, np.int64)
+    own = _reads_own_shards(lengths, num_pipelines, examples_per_epoch // num_pipelines)
+    count = examples_per_epoch // num_pipelines if own else examples_per_epoch
+    first_skip = skip // num_pipelines if own else skip
+    window_start = first_skip // SHUFFLE_WINDOW * SHUFFLE_WINDOW
+    epochs = list(range(start_epoch, start_epoch + num_epochs))
+    index, skips = _shard_plan(lengths, seed, epochs, pipeline_id, num_pipelines, own,
+                               window_start)
+    paths = tf.constant(list(shards.paths))
+
+    def read(shard, offset):
+        return tf.data.TFRecordDataset(paths[shard], buffer_size=SHARD_READ_BUFFER).skip(offset)
+
+    def group_stream(shard_ids, offsets):
+        keep = shard_ids >= 0
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.boolean_mask(shard_ids, keep), tf.boolean_mask(offsets, keep))).interleave(
+            read, cycle_length=SHARD_CYCLE, block_length=1, num_parallel_calls=AUTOTUNE,
+            deterministic=True)   # the order is part of the positions, whatever the options say
+
+    def epoch_stream(e):
+        epoch = tf.constant(start_epoch, tf.int64) + e
+        start = tf.where(e == 0, tf.constant(window_start, tf.int64), 0)
+        skip_to = tf.where(e == 0, tf.constant(first_skip, tf.int64), 0)
+        ds = tf.data.Dataset.from_tensor_slices((tf.gather(index, e), tf.gather(skips, e)))
+        ds = ds.flat_map(group_stream).take(count - start)
+        ds = ds.map(shards.parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = ds.batch(SHUFFLE_WINDOW).enumerate(start // SHUFFLE_WINDOW).map(
+            lambda w, window: _permute_window(window, seed, epoch, w))
+        ds = ds.unbatch().enumerate(start).filter(lambda q, _: q >= skip_to)
+        if not own:
+            ds = ds.filter(lambda q, _: tf.equal(q % num_pipelines, pipeline_id))
+        position = (lambda q: q * num_pipelines + pipeline_id) if own else (lambda q: q)
+        return ds.map(lambda q, record: (epoch, position(q)) + tuple(record))
+
+    return tf.data.Dataset.range(num_epochs).flat_map(epoch_stream)
+
+
+def _permute_window(window, seed, epoch, w):
+    image_bytes, labels = window
+    window_seed = tf.random.experimental.stateless_fold_in(tf.random.experimental.stateless_fold_in(
+        tf.constant([seed, _WINDOW_SALT], tf.int64), epoch), w)
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(tf.shape(labels, out_type=tf.int64)[0]), seed=window_seed)
+    return tf.gather(image_bytes, order), tf.gather(labels, order)
 
 
 def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed: int,
@@ -233,10 +360,11 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         files = tf.constant(np.asarray(split.files, dtype=str))
         image_bytes = _cached_bytes(np.asarray(split.files, dtype=str), cache) if cache else None
         labels = tf.constant(np.asarray(split.labels, dtype=np.int64))
-    elif split.records is None:
+    elif split.records is None and getattr(split, "shards", None) is None:
         raise ValueError("split has neither files nor records")
     elif data_service:
         raise ValueError("data_service needs a file split; records splits are read locally")
+    shards = getattr(split, "shards", None)
 
     def keep(image, label, epoch, pos):  # mixing needs each batch's position for its seed
         return (image, label, epoch, pos) if mix is not None else (image, label)
@@ -253,6 +381,10 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
             ds = _file_positions(split.num_examples, examples_per_epoch, seed, first_epoch,
                                  epochs, skip_positions, pipeline_id, num_pipelines, repeated_aug)
             ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        elif shards is not None:   # read sequentially; --cache would hold the whole run's stream
+            ds = _shard_positions(shards, examples_per_epoch, seed, first_epoch, epochs,
+                                  skip_positions, pipeline_id, num_pipelines)
+            ds = ds.map(load_record, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
         else:
             ds = _record_positions(split.records, examples_per_epoch, seed, first_epoch, epochs,
                                    skip_positions, pipeline_id, num_pipelines)

@@ -6,6 +6,8 @@
 * Kaggle, as extracted: `LOC_synset_mapping.txt` (class i = line i = i-th sorted wnid),
   `ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG`, flat `val/` labelled by `LOC_val_solution.csv`.
 * ImageFolder: `train/<class>/*`, `val/<class>/*` (what valprep.sh produces).
+* Shards: what `python -m pipelines.prepare` wrote (a TFDS dataset of TFRecord shards), on a local
+  disk or any `tf.io.gfile` filesystem (gs://); splits carry `Shards` instead of file lists.
 
 Listing and screening 1.28M files is slow, so the index (file lists, labels, skipped files) is
 cached in `DIR/.keras_resnet_index.npz`, or under `cache_dir` / `~/.cache/keras_resnet` when DIR
@@ -59,13 +61,25 @@ FIX_HINT = ("download ImageNet with `python -m keras_resnet.download --data_dir=
 
 
 @dataclasses.dataclass(frozen=True)
+class Shards:
+    """Record shards of one split: paths in shard order, records per shard, and how to read one
+    serialized record as (encoded image bytes, int64 label)."""
+
+    paths: tuple[str, ...]
+    lengths: tuple[int, ...]
+    parse: Callable[[object], tuple[object, object]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Split:
-    """One split. File-based sources set `files`; TFDS sets `records` and leaves `files` None."""
+    """One split. File-based sources set `files`; TFDS sets `records` and leaves `files` None;
+    prepared shards set `records` (every record once, in shard order) and `shards`."""
 
     files: np.ndarray | None        # absolute str paths (dtype object), sorted
     labels: np.ndarray | None       # int64, 0-based, one per file
     records: Callable[[], object] | None = None   # () -> tf.data.Dataset of (bytes, int64 label)
     num_examples: int | None = None  # len(files) when not given
+    shards: Shards | None = None     # prepared shards: lets training read shard by shard
 
     def __post_init__(self):
         if self.num_examples is None:
@@ -86,7 +100,7 @@ class Source:
     train: Split | None
     val: Split | None
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    layout: str = ""                # "kaggle", "imagefolder", "tfds", "synthetic"
+    layout: str = ""                # "kaggle", "imagefolder", "tfds", "shards", "synthetic"
     root: str = ""                  # directory the paths live under ("" for TFDS/synthetic)
 
     @property
@@ -107,7 +121,10 @@ class Source:
 
 def load_source(dataset: str, data_dir: str, *, cache_dir: str | None = None,
                 screen: str = "header", write_index: bool = True) -> Source:
-    """Returns the `Source` for `dataset`: "imagenet", "demo", "tfds:NAME", "synthetic[:N]".
+    """Returns the `Source` for `dataset`: "imagenet", "demo", "shards", "tfds:NAME",
+    "synthetic[:N]".
+
+    "shards" reads what `python -m pipelines.prepare --out=DIR` wrote; `data_dir` is that DIR.
 
     "imagenet" detects the Kaggle or ImageFolder layout under `data_dir`. "demo" writes a small
     dataset in the Kaggle layout on first use. "synthetic" has class ids but no splits
@@ -125,11 +142,13 @@ def load_source(dataset: str, data_dir: str, *, cache_dir: str | None = None,
         from pipelines import demo  # local: only the demo needs PIL
         root = demo.make_demo(os.path.expanduser(data_dir))
         return _load_folder_source("demo", root, cache_dir, screen, write_index)
+    if dataset == "shards":
+        return _load_shards(data_dir)
     if dataset.startswith("tfds:") and len(dataset) > 5:
         return _load_tfds(dataset[5:], data_dir)
     if dataset == "synthetic" or dataset.startswith("synthetic:"):
         return _synthetic_source(dataset)
-    raise DataError(f"unknown dataset {dataset!r}: use imagenet, demo, tfds:NAME (e.g. "
+    raise DataError(f"unknown dataset {dataset!r}: use imagenet, demo, shards, tfds:NAME (e.g. "
                     "tfds:imagenet2012) or synthetic")
 
 
@@ -540,6 +559,74 @@ def _load_tfds(name: str, data_dir: str) -> Source:
     return Source(name=f"tfds:{name}", class_ids=class_ids, class_names=class_ids,
                   train=split_of("train" if "train" in names else None), val=split_of(val_split),
                   skipped=[], layout="tfds")
+
+
+SHARDS_INFO = "dataset_info.json"
+SHARDS_SPLITS = {"train": "train", "val": "validation"}   # ours -> TFDS's split names
+
+
+def _load_shards(data_dir: str) -> Source:
+    """The dataset `pipelines.prepare` wrote in `data_dir` (local or any tf.io.gfile path).
+
+    Reads its TFDS metadata with tf.io.gfile rather than `tfds.builder_from_directory` (whose
+    paths support local files, gs:// and s3:// but not every gfile filesystem).
+    """
+    import tensorflow as tf
+
+    if not data_dir:
+        raise DataError("--dataset=shards needs --data_dir=DIR, the --out of "
+                        "`python -m pipelines.prepare`")
+    root = data_dir.rstrip("/") if "://" in data_dir else os.path.abspath(
+        os.path.expanduser(data_dir))
+
+    def read(name, required=True):
+        path = f"{root}/{name}"
+        if not tf.io.gfile.exists(path):
+            if not required:
+                return None
+            hint = ("its prepare did not finish: run the same `python -m pipelines.prepare` "
+                    "command again" if tf.io.gfile.exists(f"{root}/.keras_resnet_prepare.json")
+                    else f"write it with `python -m pipelines.prepare --data_dir=IMAGES "
+                         f"--out={data_dir}`")
+            raise DataError(f"{root} holds no prepared dataset (no {name}): {hint}")
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read().decode("utf-8")
+
+    info = json.loads(read(SHARDS_INFO))
+    if info.get("fileFormat", "tfrecord") != "tfrecord":
+        raise DataError(f"{root}: file format {info.get('fileFormat')!r}; only tfrecord shards "
+                        "are read: prepare them with `python -m pipelines.prepare`")
+    class_ids = [line for line in read("label.labels.txt").splitlines() if line]
+    metadata = json.loads(read("metadata.json", required=False) or "{}")
+    class_names = metadata.get("class_names") or class_ids
+    features = {"image": tf.io.FixedLenFeature([], tf.string),
+                "label": tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(serialized):
+        example = tf.io.parse_single_example(serialized, features)
+        return example["image"], example["label"]
+
+    splits = {s["name"]: s for s in info.get("splits", [])}
+
+    def split_of(tfds_name):
+        split = splits.get(tfds_name)
+        if split is None:
+            return None
+        lengths = tuple(int(n) for n in split.get("shardLengths", []))
+        paths = tuple(f"{root}/{info['name']}-{tfds_name}.tfrecord-{i:05d}-of-{len(lengths):05d}"
+                      for i in range(len(lengths)))
+        shards = Shards(paths=paths, lengths=lengths, parse=parse)
+
+        def records():
+            return tf.data.TFRecordDataset(list(paths)).map(
+                parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+        return Split(files=None, labels=None, records=records, num_examples=sum(lengths),
+                     shards=shards)
+
+    return Source(name=info["name"], class_ids=class_ids, class_names=list(class_names),
+                  train=split_of(SHARDS_SPLITS["train"]), val=split_of(SHARDS_SPLITS["val"]),
+                  skipped=[], layout="shards", root=root)
 
 
 def _synthetic_source(dataset: str) -> Source:

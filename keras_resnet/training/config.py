@@ -12,7 +12,7 @@ import os
 from keras_resnet.constants import DEPTHS, VARIANTS
 from pipelines.formats import SCREENS
 
-DATASETS = ("imagenet", "demo", "synthetic")  # plus "tfds:NAME"
+DATASETS = ("imagenet", "demo", "shards", "synthetic")  # plus "tfds:NAME"
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("cosine", "step")
@@ -219,6 +219,8 @@ class Config:
         check(self.variant in VARIANTS, f"--variant={self.variant!r}; valid: {', '.join(VARIANTS)}.")
         check(self.dataset in DATASETS or (self.dataset.startswith("tfds:") and len(self.dataset) > 5),
               f"--dataset={self.dataset!r}; valid: {', '.join(DATASETS)} or tfds:NAME.")
+        check(self.dataset != "shards" or self.data_dir,
+              "--dataset=shards needs --data_dir=DIR, the --out of `python -m pipelines.prepare`.")
         check(self.check_images in SCREENS,
               f"--check_images={self.check_images!r}; valid: {', '.join(SCREENS)}.")
         check(self.image_size >= 32, f"--image_size={self.image_size} is too small; use >= 32.")
