@@ -122,7 +122,7 @@ def test_written_weights_read_back_identical(tmp_path, fmt, suffix):
     assert state["layer1.0.bn1.num_batches_tracked"].dtype == np.int64
     again = build_resnet(18, num_classes=NUM_CLASSES, input_shape=(SIZE, SIZE, 3))
     weights.load_state_dict(again, state)
-    for a, b in zip(model.weights, again.weights):
+    for a, b in zip(model.weights, again.weights, strict=True):
         assert np.array_equal(a.numpy(), b.numpy())
 
 

@@ -55,7 +55,7 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks
     if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
         raise WeightsError(f"malformed tensor record (size {size}, stride {stride}, offset "
                            f"{offset}); the file is damaged.")
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if all(size) else offset - 1
     if last >= storage.size:
         raise WeightsError(f"a tensor of size {size} reads past the end of its storage "
                            f"({storage.size} elements); the file is damaged or truncated.")
