@@ -167,6 +167,7 @@ def peak_tflops(policy, gpu_name):
 
 def _build_project(setting, strategy):
     """The model, compiled, and its dataset, exactly as `train.train_and_evaluate` makes them."""
+    from keras_resnet.training import inputs
     from keras_resnet.training import run as train
     from keras_resnet.training.config import Config
 
@@ -176,11 +177,12 @@ def _build_project(setting, strategy):
                     mixed_precision="float32" if setting.precision == "onednn_bfloat16"
                     else setting.precision,
                     jit_compile=setting.jit_compile).validate()
+    data = inputs.load_data(config)  # synthetic: no files
     with strategy.scope():
-        model = train.make_model(config, NUM_CLASSES)
-        train._compile(model, config, NUM_CLASSES, config.steps_per_epoch)
-    dataset, _, _ = train._datasets(config, None, NUM_CLASSES, strategy, config.steps_per_epoch,
-                                 start_epoch=0, skip_steps=0, num_epochs=1)
+        model = train.make_model(config, data.num_classes)
+        train.compile_model(model, config, data.num_classes, data.steps_per_epoch)
+    dataset = inputs.train_dataset(config, data, strategy, start_epoch=0, num_epochs=1,
+                                   skip_steps=0)
     return model, dataset
 
 

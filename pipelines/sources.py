@@ -106,7 +106,7 @@ class Source:
 
 
 def load_source(dataset: str, data_dir: str, *, cache_dir: str | None = None,
-                screen: str = "header") -> Source:
+                screen: str = "header", write_index: bool = True) -> Source:
     """Returns the `Source` for `dataset`: "imagenet", "demo", "tfds:NAME", "synthetic[:N]".
 
     "imagenet" detects the Kaggle or ImageFolder layout under `data_dir`. "demo" writes a small
@@ -115,13 +115,16 @@ def load_source(dataset: str, data_dir: str, *, cache_dir: str | None = None,
     `screen` is the per-file check made when building the index: "header" (first and last bytes:
     empty, truncated and non-image files), "decode" (also decodes every file as training would,
     with a progress bar: finds the rare corrupt file that passes the header check) or "none".
+    `write_index=False` (the non-chief workers of a multi-worker run) reads a cached index but
+    never writes one.
     """
     if dataset == "imagenet":
-        return _load_folder_source("imagenet", _require_dir(data_dir), cache_dir, screen)
+        return _load_folder_source("imagenet", _require_dir(data_dir), cache_dir, screen,
+                                   write_index)
     if dataset == "demo":
         from pipelines import demo  # local: only the demo needs PIL
         root = demo.make_demo(os.path.expanduser(data_dir))
-        return _load_folder_source("demo", root, cache_dir, screen)
+        return _load_folder_source("demo", root, cache_dir, screen, write_index)
     if dataset.startswith("tfds:") and len(dataset) > 5:
         return _load_tfds(dataset[5:], data_dir)
     if dataset == "synthetic" or dataset.startswith("synthetic:"):
@@ -452,7 +455,8 @@ def _load_index(key: str, candidates: Iterable[str]) -> dict | None:
     return None
 
 
-def _load_folder_source(name: str, data_dir: str, cache_dir: str | None, screen: str) -> Source:
+def _load_folder_source(name: str, data_dir: str, cache_dir: str | None, screen: str,
+                        write_index: bool = True) -> Source:
     _check_extraction_finished(data_dir)
     image_root, meta_dir, layout = _find_layout(data_dir)
     if meta_dir:
@@ -465,7 +469,8 @@ def _load_folder_source(name: str, data_dir: str, cache_dir: str | None, screen:
     if index is None:
         # The key is taken before listing, so a tree that changes while we list is re-indexed.
         index = _build_index(image_root, meta_dir, screen)
-        _save_index(index, key, candidates)
+        if write_index:
+            _save_index(index, key, candidates)
 
     def split_of(split):
         pairs = index["splits"].get(split)

@@ -13,6 +13,9 @@ import sys
 import textwrap
 import time
 
+import pytest
+
+from pipelines.sources import INDEX_FILE
 from tests.kaggle_tree import make_kaggle_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,10 +71,7 @@ def test_two_workers_train_main_chief_writes_everything(tmp_path):
     """
     data_dir = tmp_path / "imagenet"
     make_kaggle_tree(data_dir, num_classes=3, train_per_class=4, val_per_class=2, image_size=40)
-    from pipelines import sources
-
-    sources.load_source("imagenet", str(data_dir))  # writes the index now, not in the workers
-    data_files = files_under(data_dir)
+    data_files = files_under(data_dir)  # no index yet: both workers build one, the chief saves it
     ports = free_ports(2)
     commands, envs = [], []
     for i in range(2):
@@ -96,7 +96,9 @@ def test_two_workers_train_main_chief_writes_everything(tmp_path):
     assert "checkpoints/checkpoint" in files_under(tmp_path / "run0")
     # The non-chief wrote nothing: no directory of its own, nothing new in the data directory.
     assert not (tmp_path / "run1").exists() and not (tmp_path / "export1").exists()
-    assert files_under(data_dir) == data_files
+    # Only the index is new there (the chief's; non-chief workers never write one: see
+    # test_sources.py::test_index_is_not_written_when_asked_not_to).
+    assert files_under(data_dir) == sorted(data_files + [INDEX_FILE]), files_under(data_dir)
     assert "Distribution: multi_worker with 2 replica(s)" in err0
 
 
@@ -282,3 +284,23 @@ def test_sigterm_to_one_worker_stops_all_at_the_same_step_then_resumes(tmp_path)
     prints = [FINGERPRINT.findall(err) for _, _, err in results]  # one per fit call
     assert prints[0] and prints[0] == prints[1], prints
     assert json.loads((run_dir / "results.json").read_text())["global_step"] == 16
+
+
+def test_keras_internals_check_passes_here_and_names_the_version_when_they_change(monkeypatch):
+    import keras
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    from keras_resnet.training import multi_worker
+
+    multi_worker.check_keras_internals()  # the installed Keras has the shape the fixes expect
+
+    monkeypatch.setattr(tf_trainer, "reduce_per_replica", lambda values, strategy: values)
+    with pytest.raises(multi_worker.UnsupportedKeras) as error:
+        multi_worker.check_keras_internals()
+    message = str(error.value)
+    assert f"Keras {keras.__version__}" in message and "reduce_per_replica" in message
+    assert "\n" not in message
+
+    monkeypatch.delattr(tf_trainer.TensorFlowTrainer, "_maybe_symbolic_build")
+    with pytest.raises(multi_worker.UnsupportedKeras, match="_maybe_symbolic_build is missing"):
+        multi_worker.check_keras_internals()

@@ -102,6 +102,17 @@ def test_read_only_data_dir_caches_elsewhere(tree, tmp_path):
         _as_dict(src.val)
 
 
+def test_index_is_not_written_when_asked_not_to(tree, tmp_path):
+    """Non-chief workers of a multi-worker run read a cached index but never write one."""
+    cache = tmp_path / "cache"
+    src = load_source("imagenet", tree["root"], cache_dir=str(cache), write_index=False)
+    assert src.train.num_examples == len(tree["train"])
+    assert not os.path.exists(os.path.join(tree["root"], sources.INDEX_FILE))
+    assert not cache.exists() or not os.listdir(cache)
+    load_source("imagenet", tree["root"], cache_dir=str(cache))  # the chief writes it
+    assert os.path.isfile(os.path.join(tree["root"], sources.INDEX_FILE))
+
+
 def test_missing_data_says_what_to_do(tmp_path):
     for data_dir in (tmp_path / "absent", tmp_path):
         with pytest.raises(DataError, match=r"keras_resnet.download --data_dir=.*--dataset=demo"):

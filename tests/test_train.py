@@ -196,17 +196,17 @@ def test_file_cache_is_per_split_file_list_and_input_pipeline(tmp_path):
 
 
 def test_cache_leaves_out_training_files_too_big_for_memory(tmp_path, monkeypatch):
-    from keras_resnet.training import run as train
+    from keras_resnet.training import inputs
     from pipelines import dataset, sources
 
     make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=3, val_per_class=2,
                      image_size=40, broken=False)
     source = sources.load_source("imagenet", str(tmp_path / "imagenet"))
     config = tiny_config(tmp_path, cache="memory")
-    assert train._train_cache(config, source) == "memory"
+    assert inputs.train_cache(config, source) == "memory"
     monkeypatch.setattr(dataset, "CACHE_MAX_BYTES", 100)  # the JPEGs are ~1 KiB each
-    assert train._train_cache(config, source) is None
-    assert train._train_cache(tiny_config(tmp_path), source) is None
+    assert inputs.train_cache(config, source) is None
+    assert inputs.train_cache(tiny_config(tmp_path), source) is None
 
 
 def test_time_based_checkpoints(monkeypatch):
@@ -318,7 +318,7 @@ def test_xla_train_step_with_float16_loss_scaling():
     try:
         with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
             model = train.make_model(config, num_classes=5)
-            optimizer = train._compile(model, config, num_classes=5, steps_per_epoch=2)
+            optimizer = train.compile_model(model, config, num_classes=5, steps_per_epoch=2)
         before = [w.numpy().copy() for w in model.trainable_weights]
         images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
         history = model.fit(images, np.arange(32) % 5, batch_size=4, epochs=1, verbose=0)

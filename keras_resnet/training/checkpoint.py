@@ -163,13 +163,13 @@ class CheckpointCallback(keras.callbacks.Callback):
     """Saves resumable checkpoints every N steps / T seconds and at epoch ends, and the best model.
 
     Never saves weights after a non-finite loss, so the last checkpoint is the last good one.
-    `step_offset` is the number of steps of the current epoch done before this `fit` call.
     """
 
     def __init__(self, ckpt, steps_per_epoch, every_steps, every_secs, model_dir, stop,
-                 write=True, monitor="val_top1", agree=None):
+                 write=True, monitor="val_top1", agree=None, step_offset=0):
         """`agree(flag) -> bool`: True if any worker's flag is set (a collective; multi-worker
-        runs pass one so that all workers stop, and save, at the same step)."""
+        runs pass one so that all workers stop, and save, at the same step). `step_offset`:
+        steps of the first epoch done before this `fit` call (the rest of a resumed epoch)."""
         super().__init__()
         self.agree = agree
         self.ckpt = ckpt
@@ -180,7 +180,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.stop = stop
         self.write = write
         self.monitor = monitor
-        self.step_offset = 0
+        self.step_offset = step_offset
         self.epoch = 0
         self._last_save_time = time.monotonic()
         self._saved_at = None  # (epoch, step) of the last save

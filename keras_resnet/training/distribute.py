@@ -7,7 +7,10 @@ import tensorflow as tf
 from absl import logging
 
 from keras_resnet.training import multi_worker
-from keras_resnet.training.multi_worker import ClusterError  # noqa: F401  (raised by make_strategy)
+from keras_resnet.training.multi_worker import (  # noqa: F401  (raised by make_strategy)
+    ClusterError,
+    UnsupportedKeras,
+)
 
 # GPUs with tensor cores (compute capability >= 7.0) gain from float16 math.
 MIN_FP16_CAPABILITY = (7, 0)

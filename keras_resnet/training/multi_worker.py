@@ -147,8 +147,51 @@ def in_multi_worker_mode(strategy):
             and strategy.extended._in_multi_worker_mode())
 
 
+# The private Keras functions the fixes replace, with the parameters they must have. Checked
+# before patching: a Keras release that renames or reshapes them fails at start-up, in one line,
+# instead of training with a fix that no longer applies.
+PATCHED = {
+    "TensorFlowTrainer._maybe_symbolic_build": ("self", "iterator", "data_batch"),
+    "reduce_per_replica": ("values", "strategy", "reduction"),
+}
+TESTED_KERAS = "3.15"
+
+
+class UnsupportedKeras(RuntimeError):
+    """The installed Keras does not have the internals the multi-worker fixes patch."""
+
+
+def check_keras_internals():
+    """Raises UnsupportedKeras, naming the Keras version, unless every function in PATCHED
+    exists in keras.src.backend.tensorflow.trainer with the expected parameters."""
+    import inspect
+
+    import keras
+
+    try:
+        from keras.src.backend.tensorflow import trainer as tf_trainer
+    except ImportError:
+        tf_trainer = None
+    for name, expected in PATCHED.items():
+        target = tf_trainer
+        for part in name.split("."):
+            target = getattr(target, part, None)
+        try:
+            found = tuple(inspect.signature(target).parameters) if target else None
+        except (TypeError, ValueError):
+            found = None
+        if found != expected:
+            raise UnsupportedKeras(
+                f"Keras {keras.__version__}: keras.src.backend.tensorflow.trainer.{name} is "
+                f"{'missing' if target is None else f'{name}{found}'}, not {name}{expected} "
+                f"as the multi-worker fix expects (tested with Keras {TESTED_KERAS}); install "
+                f"keras=={TESTED_KERAS}.* for multi-worker training.")
+
+
 def patch_keras():
-    """Applies both fixes above to Keras's TensorFlow trainer (once per process)."""
+    """Applies both fixes above to Keras's TensorFlow trainer (once per process), after
+    checking that the functions they replace still look as expected."""
+    check_keras_internals()
     patch_symbolic_build()
     patch_reduce_per_replica()
 

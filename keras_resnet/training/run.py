@@ -1,12 +1,15 @@
-"""`train_and_evaluate(config)`: strategy, data, model, `model.fit`, checkpoints, export, results."""
+"""A training run as four stages: `setup` (strategy, seeds, precision), `inputs.load_data`,
+`build` (model, optimizer, restored position), `fit` (one or two `model.fit` calls) and `finish`
+(best model, export, results). `train_and_evaluate(config)` chains them.
 
-import contextlib
-import glob
+Each stage takes the config and the small typed results of the stages before it, so each can be
+run (and tested) alone.
+"""
+
+import dataclasses
 import json
 import os
 import signal
-import sys
-import time
 import warnings
 
 import keras
@@ -14,26 +17,20 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_resnet.files import atomic_path, read_json, write_json_atomic
+from keras_resnet.files import read_json, write_json_atomic
 from keras_resnet.model.resnet import build_resnet
+from keras_resnet.training import callbacks as callbacks_lib
 from keras_resnet.training import checkpoint as ckpt_lib
-from keras_resnet.training import distribute
+from keras_resnet.training import distribute, inputs, report
+from keras_resnet.training.inputs import Data, UserError  # noqa: F401  (part of this API)
 from keras_resnet.training.optim import SparseCrossentropy, WarmupSchedule
 
-RESULTS_JSON = "results.json"
-HISTORY_CSV = "history.csv"
-CURVES_PNG = "curves.png"
-SYNTHETIC_CLASSES = 1000
-SYNTHETIC_EXAMPLES = 1281167  # ImageNet's training split, for a realistic epoch length
-
+CONFIG_JSON = "config.json"
+CLASSES_JSON = "classes.json"
 
 # Keras warns once per fit when it learns the length of the (finite) validation set by running
 # out of it; training itself always runs on an exact number of steps.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
-
-
-class UserError(Exception):
-    """A problem the user can fix; train_main prints it as one line."""
 
 
 class Interrupted(Exception):
@@ -46,6 +43,32 @@ class Interrupted(Exception):
         number = getattr(signal.Signals, signal_name or "", signal.SIGTERM)
         self.exit_status = 128 + int(number)
 
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where the run happens: the strategy, and whether this task writes the run's files."""
+
+    strategy: tf.distribute.Strategy
+    writer: bool  # the chief: checkpoints, logs, results and the export
+    model_dir: str
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The model being trained, its optimizer and checkpoint, and where training resumes."""
+
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    checkpoint: ckpt_lib.TrainingCheckpoint
+    start_epoch: int  # 0-based epoch to continue
+    start_step: int   # steps of that epoch already done
+
+    @property
+    def global_step(self):
+        return int(self.optimizer.iterations.numpy())
+
+
+# ----- model and optimizer ----------------------------------------------------------------------
 
 def make_model(config, num_classes):
     """The network for `config`: uint8 RGB in, float32 probabilities out."""
@@ -75,19 +98,21 @@ def summarize(config, num_classes=1000):
     return "\n".join(lines)
 
 
-def _schedule(config, steps_per_epoch):
-    total = config.epochs * steps_per_epoch
+def learning_rate_schedule(config, steps_per_epoch):
+    """Warm-up then cosine or step decay, as a function of the optimizer's step."""
     return WarmupSchedule(
         peak_lr=config.learning_rate,
-        total_steps=total,
+        total_steps=config.epochs * steps_per_epoch,
         warmup_steps=round(config.warmup_epochs_for_run() * steps_per_epoch),
         kind=config.lr_schedule,
         boundaries=[e * steps_per_epoch for e in config.step_decay_epochs],
     )
 
 
-def _compile(model, config, num_classes, steps_per_epoch):
-    optimizer = keras.optimizers.SGD(learning_rate=_schedule(config, steps_per_epoch),
+def compile_model(model, config, num_classes, steps_per_epoch):
+    """Compiles `model` for training with `config`'s optimizer, loss and metrics (in the current
+    strategy scope); returns its optimizer (a LossScaleOptimizer under mixed_float16)."""
+    optimizer = keras.optimizers.SGD(learning_rate=learning_rate_schedule(config, steps_per_epoch),
                                      momentum=config.momentum, nesterov=config.nesterov)
     jit = distribute.choose_jit_compile(config.jit_compile, tf.distribute.get_strategy(),
                                        config.deterministic)
@@ -100,367 +125,186 @@ def _compile(model, config, num_classes, steps_per_epoch):
                           keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")],
         jit_compile=jit,
     )
-    return model.optimizer  # LossScaleOptimizer under mixed_float16
+    return model.optimizer
 
 
-class ThroughputLogger(keras.callbacks.Callback):
-    """Adds `images_per_sec` (training steps only, not validation) and `learning_rate` to logs."""
+# ----- stages -----------------------------------------------------------------------------------
 
-    def __init__(self, global_batch_size):
-        super().__init__()
-        self.global_batch_size = global_batch_size
-        self.train_images_per_sec = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._steps, self._start, self._elapsed = 0, time.perf_counter(), 0.0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self._steps == 1:  # the first step of a fit call includes tracing: leave it out
-            self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        if self._steps > 1:
-            self._elapsed = time.perf_counter() - self._start
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None:
-            return
-        timed = self._steps - 1
-        rate = timed * self.global_batch_size / self._elapsed if timed > 0 and self._elapsed else 0.0
-        self.train_images_per_sec.append(rate)
-        logs["images_per_sec"] = rate
-        # With a schedule, `optimizer.learning_rate` is the rate at the current step.
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        logging.info("Epoch %d: %.1f images/s, learning rate %.5f", epoch + 1, rate,
-                     logs["learning_rate"])
-
-
-class ProgressLog(keras.callbacks.Callback):
-    """Progress for output that is not a terminal (a log file, a batch job), where Keras's bar
-    would print a line per step: a line every `every_secs` seconds and one per epoch."""
-
-    def __init__(self, steps_per_epoch, epochs, global_batch_size, every_secs):
-        super().__init__()
-        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
-        self.global_batch_size, self.every_secs = global_batch_size, every_secs
-        self.step_offset = 0  # steps of the epoch done before this fit call (a resumed epoch)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch, self._done = epoch, 0
-        self._start = self._last = time.monotonic()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._done = batch + 1
-        now = time.monotonic()
-        if not self.every_secs or now - self._last < self.every_secs:
-            return
-        self._last = now
-        step, elapsed = self.step_offset + self._done, now - self._start
-        eta = (self.steps_per_epoch - step) * elapsed / self._done
-        print(f"epoch {self._epoch + 1}/{self.epochs} step {step}/{self.steps_per_epoch} "
-              f"{_metrics(logs)}, {self._done * self.global_batch_size / elapsed:.1f} images/s, "
-              f"epoch ends in {_duration(eta)}", flush=True)
-
-    def on_epoch_end(self, epoch, logs=None):
-        print(f"epoch {epoch + 1}/{self.epochs} done in "
-              f"{_duration(time.monotonic() - self._start)}: {_metrics(logs)}", flush=True)
-
-
-def _metrics(logs):
-    return " ".join(f"{k} {float(v):.4g}" for k, v in (logs or {}).items() if np.size(v) == 1)
-
-
-def _duration(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}"
-
-
-def _load_data(config):
-    """The Source (None for synthetic) and the number of classes; DataError -> UserError."""
-    if config.dataset == "synthetic":
-        return None, SYNTHETIC_CLASSES
-    from pipelines import sources
-
-    try:
-        source = sources.load_source(config.dataset, config.resolved_data_dir,
-                                     screen=config.check_images)
-    except sources.DataError as e:
-        raise UserError(str(e)) from None
-    if source.train is None or source.train.num_examples == 0:
-        raise UserError(f"No training images found for --dataset={config.dataset} under "
-                        f"{config.resolved_data_dir or 'the TFDS data dir'}.")
-    logging.info("Dataset %s: %d classes, %d train, %d val images.", source.name,
-                 len(source.class_ids), source.train.num_examples,
-                 source.val.num_examples if source.val else 0)
-    return source, len(source.class_ids)
-
-
-def _cache_for(cache, ctx, split, name, *extra):
-    """--cache for one input pipeline: None, "memory", or a file path of its own per split, file
-    list (+ `extra`, such as the image size of cached pixels) and pipeline: workers sharing a file
-    system must not write one cache file, and a cache of other files must never be read back."""
-    from pipelines import dataset as ds_lib
-
-    if not cache or cache == "memory":
-        return cache or None
-    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-    path = (f"{cache}.{name}-{ds_lib.split_fingerprint(split, *extra)}."
-            f"pipeline{ctx.input_pipeline_id}-of-{ctx.num_input_pipelines}")
-    _remove_unfinished_cache(path)
-    return path
-
-
-def _remove_unfinished_cache(path):
-    """Deletes what a killed run left of a tf.data cache file that it had not finished writing.
-
-    tf.data writes `<path>_<n>.lockfile` and temporary shards, and `<path>.index` last; its lock
-    file would otherwise stop every later run ("a concurrent caching iterator"). Each cache path
-    belongs to one input pipeline of one run (see `_cache_for`), so a lock found before the run
-    starts is stale.
-    """
-    if os.path.exists(path + ".index"):
-        return
-    leftovers = glob.glob(glob.escape(path) + "_*.lockfile") + glob.glob(
-        glob.escape(path) + "_*.data-*")
-    if leftovers:
-        logging.warning("--cache: removing the unfinished cache %s_* of an interrupted run.", path)
-    for leftover in leftovers:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(leftover)
-
-
-def _train_cache(config, source):
-    """--cache for the training files, or None when their encoded bytes would not fit (then only
-    the validation images are cached)."""
-    from pipelines import dataset as ds_lib
-
-    if not config.cache:
-        return None
-    size = ds_lib.encoded_bytes_estimate(source.train)
-    if size > ds_lib.CACHE_MAX_BYTES:
-        logging.warning("--cache: the training files hold about %.1f GiB (over the %.0f GiB "
-                        "limit for encoded images in memory); caching the validation images "
-                        "only.", size / 2**30, ds_lib.CACHE_MAX_BYTES / 2**30)
-        return None
-    return config.cache
-
-
-def _datasets(config, source, num_classes, strategy, steps_per_epoch, start_epoch, skip_steps,
-              num_epochs):
-    """Distributed train dataset for epochs [start_epoch, start_epoch + num_epochs), val, and the
-    validation steps to pass to `fit` (None: a pass until the end of val)."""
-    from pipelines import dataset as ds_lib
-
-    if source is None:
-        def train_fn(ctx):
-            return ds_lib.synthetic_dataset(
-                batch_size=ctx.get_per_replica_batch_size(config.batch_size),
-                image_size=config.image_size, num_classes=num_classes, seed=config.seed)
-        return strategy.distribute_datasets_from_function(train_fn), None, None
-
-    train_cache = _train_cache(config, source)
-
-    def train_fn(ctx):
-        return ds_lib.build_train_dataset(
-            source.train, global_batch_size=config.batch_size, image_size=config.image_size,
-            seed=config.seed, start_epoch=start_epoch, num_epochs=num_epochs,
-            skip_steps=skip_steps, input_context=ctx, deterministic=config.deterministic,
-            cache=_cache_for(train_cache, ctx, source.train, "train"), data_service=config.tf_data_service or None,
-            max_steps_per_epoch=steps_per_epoch)
-
-    train = strategy.distribute_datasets_from_function(train_fn)
-    val = val_steps = None
-    if source.val is not None and source.val.num_examples:
-        several = strategy.num_replicas_in_sync > 1
-        if several:
-            # build_eval_dataset pads a pass to whole global steps. Keras is told their number
-            # and reads the pass repeated, one pass per epoch: its own end-of-data handling of a
-            # distributed dataset under MirroredStrategy miscounts the last step.
-            val_steps = config.validation_steps or ds_lib.eval_steps(source.val.num_examples,
-                                                                     config.batch_size)
-
-        def val_fn(ctx):
-            val = ds_lib.build_eval_dataset(
-                source.val, global_batch_size=config.batch_size, image_size=config.image_size,
-                input_context=ctx,
-                cache=_cache_for(config.cache, ctx, source.val, "val", config.image_size))
-            if several:  # elements are per-replica batches; a step takes one per local replica
-                local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
-                return val.take(val_steps * local).repeat()
-            return val.take(config.validation_steps) if config.validation_steps else val
-        val = strategy.distribute_datasets_from_function(val_fn)
-    return train, val, val_steps
-
-
-def _steps_per_epoch(config, source):
-    from pipelines import dataset as ds_lib
-
-    num_train = source.train.num_examples if source else SYNTHETIC_EXAMPLES
-    steps = ds_lib.steps_per_epoch(num_train, config.batch_size)
-    if steps == 0:
-        raise UserError(f"--batch_size={config.batch_size} is larger than the training split "
-                        f"({num_train} images); use a smaller batch.")
-    return min(steps, config.steps_per_epoch) if config.steps_per_epoch else steps
-
-
-def _callbacks(model_dir, writer, checkpoint_cb, throughput):
-    callbacks = [keras.callbacks.TerminateOnNaN(), throughput, checkpoint_cb]
-    if writer:
-        callbacks += [
-            keras.callbacks.CSVLogger(os.path.join(model_dir, HISTORY_CSV), append=True),
-            keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
-        ]
-    return callbacks
-
-
-class _StopAfterEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch >= self.epoch:
-            self.model.stop_training = True
-
-
-def _progress(config, steps_per_epoch):
-    """(Keras fit verbosity, extra callbacks): with --verbose=auto, Keras's bar on a terminal,
-    else ProgressLog's lines (Keras would print a bar line per step into a file)."""
-    if config.verbose != "auto":
-        return int(config.verbose), []
-    if sys.stdout.isatty():
-        return 1, []
-    return 0, [ProgressLog(steps_per_epoch, config.epochs, config.batch_size,
-                           config.progress_every_secs)]
-
-
-def train_and_evaluate(config):
-    """Trains `config`, resuming from `model_dir` when it holds a checkpoint; returns results."""
-    config.validate()
+def setup(config):
+    """Strategy, seeds, determinism and precision policy (before any model is built)."""
     try:
         strategy = distribute.make_strategy(config.distribution, config.tpu)
-    except distribute.ClusterError as e:
+    except (distribute.ClusterError, distribute.UnsupportedKeras) as e:
         raise UserError(str(e)) from None
     if config.batch_size % strategy.num_replicas_in_sync:
         raise UserError(f"--batch_size={config.batch_size} does not divide evenly over "
                         f"{strategy.num_replicas_in_sync} replicas; use a multiple of it.")
+    keras.utils.set_random_seed(config.seed)
     if config.deterministic:
-        keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()
-    else:
-        keras.utils.set_random_seed(config.seed)
-    policy = distribute.choose_precision(config.mixed_precision, strategy)
-    keras.mixed_precision.set_global_policy(policy)
+    keras.mixed_precision.set_global_policy(
+        distribute.choose_precision(config.mixed_precision, strategy))
+    return Runtime(strategy, distribute.is_chief(), config.resolved_model_dir)
 
-    writer = distribute.is_chief()
-    model_dir = config.resolved_model_dir
-    source, num_classes = _load_data(config)
-    steps_per_epoch = _steps_per_epoch(config, source)
-    if writer:
-        os.makedirs(model_dir, exist_ok=True)
-    if writer and source is not None:
-        from pipelines import sources
 
-        report = sources.write_skipped_report(source, model_dir)
-        if source.skipped:
-            logging.warning("Left out %d files or folders (each with its reason in %s).",
-                            len(source.skipped), report)
-
+def build(config, runtime, data):
+    """The compiled model in the strategy's scope, restored from the run's latest checkpoint when
+    there is one (a run of another network or batch size is refused)."""
     identity = {"depth": config.depth, "variant": config.variant, "conv_bias": config.conv_bias,
-                "num_classes": num_classes, "batch_size": config.batch_size}
-    with strategy.scope():
-        model = make_model(config, num_classes)
-        optimizer = _compile(model, config, num_classes, steps_per_epoch)
-        ckpt = ckpt_lib.TrainingCheckpoint(model, optimizer,
-                                           os.path.join(model_dir, ckpt_lib.CHECKPOINT_SUBDIR),
-                                           keep=config.keep_checkpoints, write=writer)
+                "num_classes": data.num_classes, "batch_size": config.batch_size}
+    with runtime.strategy.scope():
+        model = make_model(config, data.num_classes)
+        optimizer = compile_model(model, config, data.num_classes, data.steps_per_epoch)
+        ckpt = ckpt_lib.TrainingCheckpoint(
+            model, optimizer, os.path.join(runtime.model_dir, ckpt_lib.CHECKPOINT_SUBDIR),
+            keep=config.keep_checkpoints, write=runtime.writer)
         try:
-            if writer:
-                ckpt_lib.check_run_identity(model_dir, identity)
+            if runtime.writer:
+                ckpt_lib.check_run_identity(runtime.model_dir, identity)
             start_epoch, start_step = ckpt.restore()
         except ckpt_lib.CheckpointMismatchError as e:
             raise UserError(str(e)) from None
-    if writer:
-        write_json_atomic(os.path.join(model_dir, "config.json"), config.to_dict())
-    if start_step >= steps_per_epoch:  # a checkpoint of a longer epoch setting; start next epoch
+    if start_step >= data.steps_per_epoch:  # a checkpoint of a longer epoch; start the next one
         start_epoch, start_step = start_epoch + 1, 0
-    previous = read_json(os.path.join(model_dir, RESULTS_JSON))
-    if start_epoch >= config.epochs and previous is not None:
-        print(f"{model_dir} already holds a finished run of {config.epochs} epochs: "
-              f"{json.dumps(previous)}\nRaise --epochs to train further.", flush=True)
-        return previous
+    trainer = Trainer(model, optimizer, ckpt, start_epoch, start_step)
     if start_epoch or start_step:
         logging.info("Resumed from %s (global step %d).",
-                     tf.train.latest_checkpoint(ckpt.restore_directory),
-                     int(optimizer.iterations.numpy()))
-        print(f"Resuming at epoch {start_epoch + 1}/{config.epochs}, step "
-              f"{start_step}/{steps_per_epoch}.", flush=True)
+                     tf.train.latest_checkpoint(ckpt.restore_directory), trainer.global_step)
+    return trainer
 
-    throughput = ThroughputLogger(config.batch_size)
-    from keras_resnet.training import replicas
 
-    multi = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+def segments(start_epoch, start_step, epochs):
+    """The `fit` calls that finish a run: [(first epoch, number of epochs, steps to skip)]. The
+    rest of an interrupted epoch is a call of its own (its dataset skips the steps done)."""
+    calls = []
+    if start_step and start_epoch < epochs:
+        calls.append((start_epoch, 1, start_step))
+        start_epoch += 1
+    if start_epoch < epochs:
+        calls.append((start_epoch, epochs - start_epoch, 0))
+    return calls
+
+
+def fit(config, runtime, data, trainer):
+    """Trains from the trainer's position to the end of `config.epochs`, checkpointing as it
+    goes; returns the ThroughputLogger (images/s per epoch)."""
+    throughput = callbacks_lib.ThroughputLogger(config.batch_size)
+    val_ds, val_steps = inputs.validation_dataset(config, data, runtime.strategy)
     with ckpt_lib.StopRequest() as stop:
-        checkpoint_cb = ckpt_lib.CheckpointCallback(
-            ckpt, steps_per_epoch, config.checkpoint_every_steps, config.checkpoint_every_secs,
-            model_dir, stop, write=writer,
-            agree=replicas.any_worker(strategy) if multi else None)
-        callbacks = _callbacks(model_dir, writer, checkpoint_cb, throughput)
-        verbose, progress = _progress(config, steps_per_epoch)
-        if strategy.num_replicas_in_sync > 1:  # first: later callbacks see averaged BN stats
-            callbacks.insert(0, replicas.SyncWorkers())
-        # Two fit calls at most: the rest of an interrupted epoch, then the remaining epochs.
-        segments = []
-        if start_step and start_epoch < config.epochs:
-            segments.append((start_epoch, 1, start_step))
-            start_epoch += 1
-        if start_epoch < config.epochs:
-            segments.append((start_epoch, config.epochs - start_epoch, 0))
         try:
-            for first_epoch, num_epochs, skip in segments:
-                train_ds, val_ds, val_steps = _datasets(
-                    config, source, num_classes, strategy, steps_per_epoch, first_epoch, skip,
-                    num_epochs)
-                checkpoint_cb.step_offset = skip
-                # epochs=config.epochs in both calls, so the log says "Epoch 2/90", not "2/2";
-                # the call for the rest of an epoch stops after it.
-                stop_after = [_StopAfterEpoch(first_epoch)] if skip else []
-                for callback in progress:
-                    callback.step_offset = skip
-                model.fit(
+            for first_epoch, num_epochs, skip in segments(trainer.start_epoch, trainer.start_step,
+                                                          config.epochs):
+                train_ds = inputs.train_dataset(config, data, runtime.strategy, first_epoch,
+                                                num_epochs, skip)
+                verbose, callbacks = _segment_callbacks(config, runtime, data, trainer, stop,
+                                                        throughput, first_epoch, skip)
+                trainer.model.fit(
                     train_ds,
-                    epochs=config.epochs,
+                    epochs=config.epochs,  # the log says "Epoch 2/90" in both calls
                     initial_epoch=first_epoch,
-                    steps_per_epoch=steps_per_epoch - skip if skip else steps_per_epoch,
-                    # No validation_steps: Keras then makes a fresh pass over the (finite)
-                    # validation set each epoch instead of continuing one exhausted iterator.
+                    steps_per_epoch=data.steps_per_epoch - skip,
                     validation_data=val_ds,
                     validation_steps=val_steps,
-                    callbacks=callbacks + progress + stop_after,
+                    callbacks=callbacks,
                     verbose=verbose,
                     shuffle=False,  # the pipeline shuffles, per epoch and resumably
                 )
         except ckpt_lib.TrainingInterrupted as e:
-            if e.reason == "non-finite loss":
-                raise UserError(
-                    f"Training stopped: the loss became NaN/inf at epoch {e.epoch + 1}, step "
-                    f"{e.step}. The last good checkpoint is kept in {ckpt.directory}; lower "
-                    f"--base_learning_rate or use --mixed_precision=float32 and run again."
-                ) from None
-            message = (f"Stopped by {e.reason} at epoch {e.epoch + 1}, step {e.step}; checkpoint "
-                       "saved. Run the same command again to resume.")
-            logging.warning(message)
-            raise Interrupted(message, stop.signal_name) from None
+            raise _interruption_error(e, trainer, stop) from None
         except tf.errors.UnavailableError as e:  # multi-worker: a peer died or was preempted
             raise UserError(
                 f"a peer worker stopped or became unreachable ({str(e).splitlines()[0][:200]}); "
                 f"run the same command on every worker to resume from the last checkpoint in "
-                f"{ckpt.restore_directory}.") from None
+                f"{trainer.checkpoint.restore_directory}.") from None
+    return throughput
 
-    return _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch, optimizer,
-                   throughput)
+
+def _segment_callbacks(config, runtime, data, trainer, stop, throughput, first_epoch, skip):
+    """(verbosity, callbacks) of one `fit` call starting `skip` steps into `first_epoch`."""
+    from keras_resnet.training import replicas
+
+    strategy = runtime.strategy
+    multi = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    checkpoint = ckpt_lib.CheckpointCallback(
+        trainer.checkpoint, data.steps_per_epoch, config.checkpoint_every_steps,
+        config.checkpoint_every_secs, runtime.model_dir, stop, write=runtime.writer,
+        agree=replicas.any_worker(strategy) if multi else None, step_offset=skip)
+    callbacks = [throughput, checkpoint]
+    if strategy.num_replicas_in_sync > 1:  # first: later callbacks see averaged BN statistics
+        callbacks.insert(0, replicas.SyncWorkers())
+    if runtime.writer:
+        callbacks += [
+            keras.callbacks.CSVLogger(os.path.join(runtime.model_dir, report.HISTORY_CSV),
+                                      append=True),
+            keras.callbacks.TensorBoard(os.path.join(runtime.model_dir, "logs"),
+                                        update_freq="epoch"),
+        ]
+    verbose, progress = callbacks_lib.progress(config.verbose, config.progress_every_secs,
+                                               data.steps_per_epoch, config.epochs,
+                                               config.batch_size, skip)
+    if skip:
+        progress.append(callbacks_lib.StopAfterEpoch(first_epoch))
+    return verbose, callbacks + progress
+
+
+def _interruption_error(e, trainer, stop):
+    if e.reason == "non-finite loss":
+        return UserError(
+            f"Training stopped: the loss became NaN/inf at epoch {e.epoch + 1}, step {e.step}. "
+            f"The last good checkpoint is kept in {trainer.checkpoint.directory}; lower "
+            f"--base_learning_rate or use --mixed_precision=float32 and run again.")
+    message = (f"Stopped by {e.reason} at epoch {e.epoch + 1}, step {e.step}; checkpoint saved. "
+               "Run the same command again to resume.")
+    logging.warning(message)
+    return Interrupted(message, stop.signal_name)
+
+
+def finish(config, runtime, data, trainer, throughput):
+    """The chief writes classes.json, latest.keras, the SavedModel export (of the best model),
+    results.json and curves.png; returns the results (None on other workers)."""
+    if not runtime.writer:
+        return None
+    from keras_resnet.serving import export
+
+    model_dir = runtime.model_dir
+    metrics, best_path = _best_metrics(model_dir)
+    # Beside best.keras / latest.keras, so predict and export can use them later.
+    export.write_classes_json(os.path.join(model_dir, CLASSES_JSON), data.class_ids,
+                              data.class_names)
+    ckpt_lib.save_keras_atomic(trainer.model, os.path.join(model_dir, ckpt_lib.FINAL_MODEL))
+    export_path = None
+    if config.export:
+        serving_model = (keras.saving.load_model(best_path, compile=False) if best_path
+                         else trainer.model)
+        logging.info("Exporting the %s model as a SavedModel under %s ...",
+                     "best" if best_path else "final", config.resolved_export_dir)
+        export_path = export.export_saved_model(
+            serving_model, config.resolved_export_dir, image_size=config.image_size,
+            class_ids=data.class_ids, class_names=data.class_names)
+    history = report.read_history(os.path.join(model_dir, report.HISTORY_CSV))
+    rates = ([r for r in history.get("images_per_sec", []) if r > 0]
+             or throughput.train_images_per_sec)
+    results = {
+        "val_top1": metrics.get("top1"),
+        "val_top5": metrics.get("top5"),
+        "val_loss": metrics.get("loss"),
+        "best_checkpoint": best_path,
+        "epochs": config.epochs,
+        "steps_per_epoch": data.steps_per_epoch,
+        "global_step": trainer.global_step,
+        "train_images_per_sec": float(np.median(rates)) if len(rates) else None,
+        "export_dir": export_path,
+        "dataset": config.dataset,
+        "depth": config.depth,
+        "batch_size": config.batch_size,
+        "precision_policy": keras.mixed_precision.global_policy().name,
+        "replicas": runtime.strategy.num_replicas_in_sync,
+    }
+    write_json_atomic(os.path.join(model_dir, report.RESULTS_JSON), results)
+    report.plot_curves(history, os.path.join(model_dir, report.CURVES_PNG))
+    logging.info("Results: %s", json.dumps(results))
+    print(json.dumps(results, indent=2), flush=True)
+    return results
 
 
 def _best_metrics(model_dir):
@@ -472,93 +316,26 @@ def _best_metrics(model_dir):
     return {}, None
 
 
-def _finish(config, model, source, strategy, writer, model_dir, steps_per_epoch, optimizer,
-            throughput):
-    metrics, best_path = _best_metrics(model_dir)
-    if not writer:
-        return None
-    from keras_resnet.serving import export
+# ----- the whole run ----------------------------------------------------------------------------
 
-    class_ids = source.class_ids if source else [str(i) for i in range(SYNTHETIC_CLASSES)]
-    class_names = source.class_names if source else class_ids
-    # Beside best.keras / latest.keras, so predict and export can use them later.
-    export.write_classes_json(os.path.join(model_dir, "classes.json"), class_ids, class_names)
-    ckpt_lib.save_keras_atomic(model, os.path.join(model_dir, ckpt_lib.FINAL_MODEL))
-    export_path = None
-    if config.export:
-        serving_model = keras.saving.load_model(best_path, compile=False) if best_path else model
-        logging.info("Exporting the %s model as a SavedModel under %s ...",
-                     "best" if best_path else "final", config.resolved_export_dir)
-        export_path = export.export_saved_model(
-            serving_model, config.resolved_export_dir, image_size=config.image_size,
-            class_ids=class_ids, class_names=class_names)
-    history = _read_history(os.path.join(model_dir, HISTORY_CSV))
-    rates = [r for r in history.get("images_per_sec", []) if r > 0] or throughput.train_images_per_sec
-    results = {
-        "val_top1": metrics.get("top1"),
-        "val_top5": metrics.get("top5"),
-        "val_loss": metrics.get("loss"),
-        "best_checkpoint": best_path,
-        "epochs": config.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "global_step": int(optimizer.iterations.numpy()),
-        "train_images_per_sec": float(np.median(rates)) if len(rates) else None,
-        "export_dir": export_path,
-        "dataset": config.dataset,
-        "depth": config.depth,
-        "batch_size": config.batch_size,
-        "precision_policy": keras.mixed_precision.global_policy().name,
-        "replicas": strategy.num_replicas_in_sync,
-    }
-    write_json_atomic(os.path.join(model_dir, RESULTS_JSON), results)
-    _plot_curves(history, os.path.join(model_dir, CURVES_PNG))
-    logging.info("Results: %s", json.dumps(results))
-    print(json.dumps(results, indent=2), flush=True)
-    return results
-
-
-def _read_history(path):
-    """history.csv (appended across restarts) -> {column: [values]}, last row per epoch wins."""
-    import csv
-
-    if not os.path.exists(path):
-        return {}
-    rows = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            if row.get("epoch", "").strip().isdigit():
-                rows[int(row["epoch"])] = row
-    columns = {}
-    for epoch in sorted(rows):
-        for key, value in rows[epoch].items():
-            try:
-                columns.setdefault(key, []).append(float(value))
-            except (TypeError, ValueError):
-                pass
-    return columns
-
-
-def _plot_curves(history, path):
-    """Loss and top-1 per epoch, train and validation, as a PNG."""
-    if not history.get("epoch"):
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [e + 1 for e in history["epoch"]]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, title in ((axes[0], "loss", "loss"), (axes[1], "top1", "top-1 accuracy")):
-        for prefix, label in (("", "train"), ("val_", "validation")):
-            values = history.get(prefix + metric)
-            if values:
-                ax.plot(epochs[:len(values)], values, marker="o", label=label)
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+def train_and_evaluate(config):
+    """Trains `config`, resuming from `model_dir` when it holds a checkpoint; returns results."""
+    config.validate()
+    runtime = setup(config)
+    data = inputs.load_data(config, runtime.writer)
+    if runtime.writer:
+        os.makedirs(runtime.model_dir, exist_ok=True)
+        inputs.write_skipped_report(data, runtime.model_dir)
+    trainer = build(config, runtime, data)
+    if runtime.writer:
+        write_json_atomic(os.path.join(runtime.model_dir, CONFIG_JSON), config.to_dict())
+    previous = read_json(os.path.join(runtime.model_dir, report.RESULTS_JSON))
+    if trainer.start_epoch >= config.epochs and previous is not None:
+        print(f"{runtime.model_dir} already holds a finished run of {config.epochs} epochs: "
+              f"{json.dumps(previous)}\nRaise --epochs to train further.", flush=True)
+        return previous
+    if trainer.start_epoch or trainer.start_step:
+        print(f"Resuming at epoch {trainer.start_epoch + 1}/{config.epochs}, step "
+              f"{trainer.start_step}/{data.steps_per_epoch}.", flush=True)
+    throughput = fit(config, runtime, data, trainer)
+    return finish(config, runtime, data, trainer, throughput)
