@@ -2,6 +2,12 @@
 
     python -m keras_resnet.export --model_dir=runs/resnet50_imagenet --export_dir=saved_models/r50
     python -m keras_resnet.export --model=model.keras --export_dir=saved_models/r50
+    python -m keras_resnet.export --model_dir=runs/r50 --format=torchvision --output=r50.pth
+    python -m keras_resnet.export --model_dir=runs/r50 --format=safetensors --output=r50.safetensors
+
+--format=torchvision writes a torch.save file that `torch.load(PATH, weights_only=True)` reads and
+`torchvision.models.resnetN(num_classes=K).load_state_dict` accepts (strict); safetensors holds the
+same tensors (torchvision / timm names).
 
 The library is `keras_resnet.serving.export`; this module parses flags and calls it.
 """
@@ -21,6 +27,11 @@ def define_flags(values):
     flags.DEFINE_string("export_dir", None, "Base directory of the versions.", flag_values=values)
     flags.DEFINE_string("classes", None, "classes.json (default: beside the model file).",
                         flag_values=values)
+    # Weight files (keras_resnet.model.weights): no SavedModel, one file at --output.
+    flags.DEFINE_enum("format", "saved_model", ["saved_model", "torchvision", "safetensors"],
+                      "What to write.", flag_values=values)
+    flags.DEFINE_string("output", None, "The file for --format=torchvision/safetensors.",
+                        flag_values=values)
     flags.DEFINE_integer("image_size", None, "Eval crop size (default: the model's input size; "
                          "required when the model input size is dynamic).", flag_values=values)
 
@@ -28,7 +39,10 @@ def define_flags(values):
 def main(flag_values, args):
     if bool(flag_values.model) == bool(flag_values.model_dir):
         raise cli.UsageError("pass exactly one of --model=FILE.keras or --model_dir=DIR.")
-    if not flag_values.export_dir:
+    weights_file = flag_values.format in ("torchvision", "safetensors")
+    if weights_file and not flag_values.output:
+        raise cli.UsageError(f"--format={flag_values.format} needs --output=FILE.")
+    if not weights_file and not flag_values.export_dir:
         raise cli.UsageError("--export_dir is required, e.g. --export_dir=saved_models/r50.")
     import keras
 
@@ -44,6 +58,11 @@ def main(flag_values, args):
         return _fail(f"model file {path} not found.")
     try:
         model = keras.saving.load_model(path, compile=False)
+        if weights_file:
+            from keras_resnet.model import weights
+
+            print(weights.write_weights(model, flag_values.output, flag_values.format))
+            return 0
         image_size = flag_values.image_size or model.inputs[0].shape[1]
         if image_size is None:
             return _fail(f"{path} takes images of any size; pass --image_size.")

@@ -233,3 +233,24 @@ def test_classifier_kept_out_when_fine_tuning():
     assert np.array_equal(model.get_layer("predictions").kernel.numpy(), before)
     assert np.array_equal(model.get_layer("conv1").kernel.numpy(),
                           sd["conv1.weight"].transpose(2, 3, 1, 0))
+
+
+def test_training_directory_reads_its_latest_checkpoint(tmp_path):
+    import tensorflow as tf
+
+    from keras_resnet.files import write_json_atomic
+
+    model = build_resnet(18, num_classes=NUM_CLASSES, input_shape=(SIZE, SIZE, 3),
+                         include_preprocessing=True)
+    weights.load_state_dict(model, ref.random_state_dict(18, NUM_CLASSES, seed=8))
+    tf.train.Checkpoint(model=model).save(str(tmp_path / "checkpoints" / "ckpt"))
+    with pytest.raises(WeightsError, match="without a training checkpoint"):
+        weights.read_state_dict(str(tmp_path))  # no run.json yet
+    write_json_atomic(str(tmp_path / "run.json"), {"depth": 18, "variant": "v1.5",
+                                                   "conv_bias": False, "num_classes": NUM_CLASSES})
+    for path in (tmp_path, tmp_path / "checkpoints"):
+        state, known = weights.read_state_dict(str(path))
+        assert known == {"variant": "v1.5"}
+        expected = weights.export_state_dict(model)
+        for key in expected:
+            np.testing.assert_array_equal(state[key], expected[key], err_msg=key)

@@ -162,10 +162,17 @@ def _read_training_dir(path):
         raise WeightsError(f"{path} is a directory without a training checkpoint (run.json and "
                            f"{ckpt_lib.CHECKPOINT_SUBDIR}/); pass a weights file or a run's "
                            "--model_dir.")
+    # Built as training builds it (keras_resnet.training.run.make_model), so the checkpoint's
+    # object graph matches; the check below refuses a checkpoint that left weights unset.
     model = build_resnet(identity["depth"], num_classes=identity["num_classes"],
                          variant=identity.get("variant", "v1.5"),
-                         conv_bias=identity.get("conv_bias", False))
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+                         conv_bias=identity.get("conv_bias", False), include_preprocessing=True)
+    status = tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise WeightsError(f"{latest} does not match the network in {model_dir}/run.json "
+                           f"({str(e).splitlines()[0][:120]}).") from None
     return to_torchvision_state_dict(model), {"variant": identity.get("variant", "v1.5")}
 
 
