@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS := test$(shell nvidia-smi >/dev/null 2>&1 && echo ,gpu)
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest tests
+
+# The fast tier for a development loop: everything but the end-to-end runs (under 3 minutes).
+test-fast: venv
+	$(PY) -m pytest -m "not slow" tests
 
 lint: venv
 	$(VENV)/bin/ruff check .

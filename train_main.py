@@ -22,7 +22,7 @@ from keras_resnet.training.config import Config  # noqa: E402  (no TensorFlow im
 HELP = {
     "depth": "ResNet depth: 18, 34, 50, 101 or 152.",
     "variant": "v1.5 (stride on the 3x3 conv, torchvision) or v1 (stride on the first 1x1, paper).",
-    "conv_bias": "Give every convolution a bias (as the seed's PyTorch model).",
+    "conv_bias": "Give every convolution a bias (PyTorch's nn.Conv2d default, as in the PyTorch ResNet-152 tutorial).",
     "dropout": "Dropout rate before the classifier (0 disables it).",
     "zero_init_residual": "Start the last BatchNorm gamma of each residual block at zero.",
     "dataset": "imagenet (Kaggle or ImageFolder layout at --data_dir), demo, synthetic, tfds:NAME.",

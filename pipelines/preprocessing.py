@@ -1,6 +1,6 @@
 """Image preprocessing for ResNet training and evaluation, as pure TensorFlow functions.
 
-Matches the seed's torchvision recipe (RandomResizedCrop + horizontal flip for training,
+Matches torchvision's classic ImageNet recipe (RandomResizedCrop + horizontal flip for training,
 Resize(256) + CenterCrop(224) for evaluation) but emits uint8 RGB: mean/std normalisation is the
 model's first layer (see docs/design.md). Every function works eagerly, inside `tf.data` and inside
 a `tf.function` (the exported serving signature reuses `preprocess_for_eval`).

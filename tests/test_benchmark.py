@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
 
@@ -18,6 +20,7 @@ def run_benchmark(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_prints_table_ratio_and_images_per_sec():
     done = run_benchmark("--depth=18", "--image_size=32", "--batch_size=2", "--warmup_steps=1",
                          "--steps=2", "--precision=auto,float32", "--noisolate")
@@ -48,6 +51,7 @@ def test_bad_setting_is_a_one_line_usage_error():
     assert "--precision='float64'; valid: auto, float32" in done.stderr
 
 
+@pytest.mark.slow
 def test_input_pipeline_benchmark_on_generated_jpegs(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "pipelines.benchmark", *args],

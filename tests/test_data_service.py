@@ -5,8 +5,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from keras_resnet.training.config import Config
 from tests.kaggle_tree import make_kaggle_tree
+
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

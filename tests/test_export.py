@@ -156,6 +156,7 @@ SERVING_CHECK = textwrap.dedent("""
 """).replace("__ATOL__", repr(PROB_ATOL))
 
 
+@pytest.mark.slow
 def test_saved_model_serves_bytes_without_the_project(model, images, exported, tmp_path):
     _, version_dir = exported
     expected_path = tmp_path / "expected.npy"
@@ -183,6 +184,7 @@ def test_saved_model_cli_lists_both_signatures(exported):
         assert text in run.stdout, f"{text} missing from:\n{run.stdout}"
 
 
+@pytest.mark.slow
 def test_saved_model_cli_runs_on_raw_jpeg_bytes(model, exported, images, tmp_path):
     """The README's recipe: the file's bytes in a .npy, fed to `saved_model_cli run`."""
     data = images["a.jpg"].read_bytes()
@@ -270,6 +272,7 @@ def test_classes_json_round_trip(tmp_path):
 TOP5_LINE = re.compile(r"^  \d\.\d{4}  n0\d  name \d$")
 
 
+@pytest.mark.slow
 def test_predict_command_from_saved_model(exported, images, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"this is not a jpeg")

@@ -63,6 +63,7 @@ def files_under(root):
                   for d, _, files in os.walk(root) for f in files)
 
 
+@pytest.mark.slow
 def test_two_workers_train_main_chief_writes_everything(tmp_path):
     """train_main.py on two workers: both exit 0 with equal weights; only the chief writes.
 
@@ -129,6 +130,7 @@ UPSTREAM_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_keras_still_needs_patch(tmp_path):
     """Tells us when upstream fixes keras-team/keras#20585 / tensorflow/tensorflow#72388.
 
@@ -152,6 +154,7 @@ def test_keras_still_needs_patch(tmp_path):
             f"multi_worker.patch_reduce_per_replica. Output:\n{out}")
 
 
+@pytest.mark.slow
 def test_missing_peer_fails_fast_naming_its_address(tmp_path):
     """A worker whose peer never starts gets a one-line error naming it, in bounded time.
 
@@ -201,6 +204,7 @@ def test_cluster_tasks_and_probe():
         listener.close()
 
 
+@pytest.mark.slow
 def test_two_workers_resume_from_the_chiefs_checkpoint(tmp_path):
     """A finished 1-epoch run on a shared model_dir, extended to 2 epochs: both workers restore
     the chief's checkpoint (the non-chief has none of its own) and end with equal weights."""
@@ -232,6 +236,7 @@ def test_two_workers_resume_from_the_chiefs_checkpoint(tmp_path):
     assert results["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_stops_all_at_the_same_step_then_resumes(tmp_path):
     """Preemption reaches workers one at a time: a SIGTERM to the non-chief alone must make both
     workers save and exit cleanly at the same step; rerunning both finishes the run exactly."""

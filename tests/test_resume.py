@@ -15,6 +15,8 @@ import tensorflow as tf
 
 from tests.kaggle_tree import make_kaggle_tree
 
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2
 BATCH = 2

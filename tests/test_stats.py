@@ -8,6 +8,7 @@ import pytest
 
 from keras_resnet.model import stats
 from keras_resnet.model.resnet import DEPTHS, build_resnet
+from tests.test_model import CONV_BIAS_152_TRAINABLE, PARAM_COUNTS
 
 MIB = 2**20
 # Multiply-accumulates per 224x224 image, in G. torchvision's model cards (v1.5, fvcore-style:
@@ -60,44 +61,15 @@ def test_macs_scale_with_image_size():
         stats.count_macs(build_resnet(18, input_shape=(None, None, 3)))
 
 
-# torchvision's resnet{18..152}: sum(p.numel() for p in model.parameters()).
-TORCHVISION_PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160,
-                      152: 60_192_808}
-BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
-          152: (3, 8, 36, 3)}
-
-
-def _batchnorm_channels(depth):
-    """BatchNorm channels of the architecture, counted from the paper's description: the stem's
-    64; per block two (basic) or three (bottleneck: width, width, 4 x width) BatchNorms; plus one
-    on each projection shortcut (where a stage changes the width or the stride)."""
-    bottleneck = depth >= 50
-    channels, in_width = 64, 64
-    for stage, blocks in enumerate(BLOCKS[depth]):
-        width = 64 * 2**stage
-        out = 4 * width if bottleneck else width
-        per_block = 2 * width + out if bottleneck else 2 * width
-        channels += blocks * per_block + (out if (out != in_width or stage > 0) else 0)
-        in_width = out
-    return channels
-
-
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_param_counts(depth):
+    """count_params against torchvision's counts and the BatchNorm channels of the architecture
+    (tests/test_model.py derives both independently of the built model)."""
     counts = stats.count_params(_model(depth))
-    assert counts.trainable == TORCHVISION_PARAMS[depth]
-    # Non-trainable: each BatchNorm's moving mean and variance.
-    assert counts.non_trainable == 2 * _batchnorm_channels(depth)
-    assert counts.total == counts.trainable + counts.non_trainable
-
-
-def test_param_counts_see_a_changed_model():
-    base = stats.count_params(build_resnet(18, num_classes=10, input_shape=(32, 32, 3)))
-    biased = stats.count_params(build_resnet(18, num_classes=10, input_shape=(32, 32, 3),
-                                             conv_bias=True))
-    conv_channels = 64 + sum(2 * 64 * 2**s * n for s, n in enumerate(BLOCKS[18])) + (128 + 256 + 512)
-    assert biased.trainable - base.trainable == conv_channels  # one bias per conv output channel
-    assert biased.non_trainable == base.non_trainable
+    assert (counts.trainable, counts.non_trainable) == PARAM_COUNTS[depth]
+    assert counts.total == sum(PARAM_COUNTS[depth])
+    if depth == 152:
+        assert stats.count_params(_model(152, conv_bias=True)).trainable == CONV_BIAS_152_TRAINABLE
 
 
 def test_state_memory_matches_seed_figure():

@@ -32,6 +32,7 @@ def run_main(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_one_real_step(tmp_path):
     from keras_resnet.training.run import train_and_evaluate
 
@@ -73,6 +74,7 @@ def test_train_and_evaluate_one_real_step(tmp_path):
         assert os.path.basename(path) in report
 
 
+@pytest.mark.slow
 def test_summary_needs_no_data_and_counts_are_right():
     result = run_main("--depth=18", "--summary", "--image_size=224", "--dataset=imagenet",
                       "--data_dir=/nonexistent/imagenet")
@@ -102,6 +104,7 @@ def test_data_dir_defaults_per_dataset():
     assert Config(dataset="demo", data_dir="/x").resolved_data_dir == "/x"
 
 
+@pytest.mark.slow
 def test_missing_imagenet_says_how_to_get_it(tmp_path):
     result = run_main("--dataset=imagenet", f"--data_dir={tmp_path / 'nothing'}", "--depth=18",
                       f"--model_dir={tmp_path / 'run'}")
@@ -122,6 +125,7 @@ def test_batch_must_divide_over_replicas(tmp_path, monkeypatch):
         train.train_and_evaluate(tiny_config(tmp_path, batch_size=3, dataset="synthetic"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
     from keras_resnet.training.run import UserError, train_and_evaluate
 
@@ -143,6 +147,7 @@ def tf_checkpoint_reader(directory):
     return tf.train.load_checkpoint(str(directory))
 
 
+@pytest.mark.slow
 def test_demo_learns_well_above_chance(tmp_path):
     """A short demo run (10 classes: chance is 10%) must learn."""
     result = run_main("--flagfile=configs/demo.flags", f"--data_dir={tmp_path / 'demo'}",
@@ -155,6 +160,7 @@ def test_demo_learns_well_above_chance(tmp_path):
     assert results["global_step"] == 4 * results["steps_per_epoch"]
 
 
+@pytest.mark.slow
 def test_file_cache_is_per_split_file_list_and_input_pipeline(tmp_path):
     from keras_resnet.training.run import train_and_evaluate
 
@@ -304,6 +310,7 @@ def test_xla_auto_is_on_for_exactly_one_gpu(monkeypatch):
     assert distribute.choose_jit_compile("auto", one, deterministic=True) is False
 
 
+@pytest.mark.slow
 def test_xla_train_step_with_float16_loss_scaling():
     """The single-GPU default (XLA + mixed_float16 + loss scaling + fused BatchNorm), on the CPU."""
     import keras
@@ -335,6 +342,7 @@ def test_xla_train_step_with_float16_loss_scaling():
     assert not unchanged
 
 
+@pytest.mark.slow
 def test_log_file_gets_progress_lines_not_a_progress_bar(tmp_path):
     """stdout is a pipe here, as in a log file: no per-step bar with escape codes."""
     result = run_main("--dataset=synthetic", "--depth=18", "--image_size=32", "--batch_size=2",
@@ -385,6 +393,7 @@ print("RESULT " + json.dumps({"results": results, "last_val_top1": float(history
 """
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_trains_and_evaluates_every_image_exactly(tmp_path):
     """Two replicas; 7 validation images do not fill the last global batch of 4."""
     make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=4, val_per_class=2,

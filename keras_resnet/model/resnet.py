@@ -153,7 +153,8 @@ def build_resnet(
       zero_init_residual: start the last BatchNorm gamma of each block at zero, so each residual
         block begins as the identity (Goyal et al. 2017).
       variant: "v1.5" (stride on the 3x3 conv of bottleneck blocks) or "v1" (on the first 1x1).
-      conv_bias: give every convolution a bias (as the seed's PyTorch model does).
+      conv_bias: give every convolution a bias (as PyTorch's `nn.Conv2d` default, used by
+        the PyTorch ResNet-152 tutorial's model).
       include_preprocessing: take RGB in [0, 255] (uint8 or float) and normalise it with the
         ImageNet mean/std in the first layer (`normalize`), on the accelerator.
       name: model name; defaults to "resnet{depth}".

@@ -127,7 +127,7 @@ def activation_bytes_per_image(model, *, mixed_precision=False):
     not included.
 
     ResNet-152 at 224 in float32 gives 188.5 MiB (conv 86.0 + ReLU 80.3 + padding 21.4 + pool
-    0.8), against the seed's 173 MiB per image. The seed's figure is the PyTorch picture: conv
+    0.8), against 173 MiB per image for torchvision's ResNet-152, which is the PyTorch picture: conv
     outputs (86.0) + BatchNorm outputs (86.0) + input and pool, because torchvision's ReLUs and
     residual additions run in place on the BatchNorm output and PyTorch pads inside the conv.
     Keras's ReLU is not in place and our symmetric padding is an explicit layer, which costs

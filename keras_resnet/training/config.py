@@ -195,8 +195,3 @@ class Config:
         d["step_decay_epochs"] = list(self.step_decay_epochs)
         d["freeze"] = list(self.freeze)
         return d
-
-    @classmethod
-    def from_dict(cls, values):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})

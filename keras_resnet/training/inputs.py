@@ -10,7 +10,6 @@ from absl import logging
 
 from pipelines import dataset as ds_lib
 
-SYNTHETIC_CLASSES = 1000
 SYNTHETIC_EXAMPLES = 1281167  # ImageNet's training split, for a realistic epoch length
 
 
@@ -22,7 +21,7 @@ class UserError(Exception):
 class Data:
     """What the rest of a run needs to know about its dataset."""
 
-    source: object  # pipelines.sources.Source; None for --dataset=synthetic
+    source: object  # pipelines.sources.Source (no splits for --dataset=synthetic)
     class_ids: list
     class_names: list
     steps_per_epoch: int  # training steps per epoch (capped by --steps_per_epoch)
@@ -35,11 +34,12 @@ class Data:
 def load_data(config, writer=True):
     """The `Data` of `config`: its source (indexed and screened), classes and epoch length.
     Only a `writer` (the chief) caches the file index it builds."""
-    if config.dataset == "synthetic":
-        ids = [str(i) for i in range(SYNTHETIC_CLASSES)]
-        return Data(None, ids, ids, _steps_per_epoch(config, SYNTHETIC_EXAMPLES))
     from pipelines import sources
 
+    if config.dataset == "synthetic":  # classes only; the tensors come from synthetic_dataset
+        source = sources.load_source("synthetic", "")
+        return Data(source, source.class_ids, source.class_names,
+                    _steps_per_epoch(config, SYNTHETIC_EXAMPLES))
     try:
         source = sources.load_source(config.dataset, config.resolved_data_dir,
                                      screen=config.check_images, write_index=writer)
@@ -65,8 +65,6 @@ def _steps_per_epoch(config, num_train):
 
 def write_skipped_report(data, model_dir):
     """skipped_files.tsv in model_dir, and a warning with the count of files left out."""
-    if data.source is None:
-        return
     from pipelines import sources
 
     report = sources.write_skipped_report(data.source, model_dir)
@@ -78,7 +76,7 @@ def write_skipped_report(data, model_dir):
 def train_dataset(config, data, strategy, start_epoch, num_epochs, skip_steps):
     """The distributed training dataset for epochs [start_epoch, start_epoch + num_epochs), the
     first of them without its first `skip_steps` batches (exact resume)."""
-    if data.source is None:
+    if data.source.train is None:  # --dataset=synthetic
         def synthetic_fn(ctx):
             return ds_lib.synthetic_dataset(
                 batch_size=ctx.get_per_replica_batch_size(config.batch_size),
@@ -104,7 +102,7 @@ def validation_dataset(config, data, strategy):
     """(distributed validation dataset, validation steps for `fit`); (None, None) without a
     validation split. Steps are None (a pass to the end of the data) on one replica."""
     source = data.source
-    if source is None or source.val is None or not source.val.num_examples:
+    if source.val is None or not source.val.num_examples:
         return None, None
     several = strategy.num_replicas_in_sync > 1
     val_steps = None
