@@ -254,3 +254,10 @@ def test_training_directory_reads_its_latest_checkpoint(tmp_path):
         expected = weights.export_state_dict(model)
         for key in expected:
             np.testing.assert_array_equal(state[key], expected[key], err_msg=key)
+
+
+def test_training_directory_names_agree_with_the_checkpoint_module():
+    from keras_resnet.training import checkpoint
+
+    assert (weights.RUN_JSON, weights.CHECKPOINT_SUBDIR) == (checkpoint.RUN_JSON,
+                                                            checkpoint.CHECKPOINT_SUBDIR)

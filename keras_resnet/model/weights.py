@@ -37,6 +37,9 @@ NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DataParallel, torch.compile, wrappers
 RENAMES = ((".identity_downsample.", ".downsample."),)  # the PyTorch ResNet tutorial's names
 CLASSIFIER_PREFIX = "fc."
+# A training directory as keras_resnet.training.checkpoint writes it (the model layer cannot
+# import training; tests/test_weights.py checks the names agree).
+RUN_JSON, CHECKPOINT_SUBDIR = "run.json", "checkpoints"
 _LAYER_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
 _SHOWN_KEYS = 6
 
@@ -151,17 +154,14 @@ def _read_training_dir(path):
     """A training directory (or its checkpoints/): the latest checkpoint's model weights."""
     import tensorflow as tf
 
-    from keras_resnet.training import checkpoint as ckpt_lib
-
     model_dir = path
-    if os.path.basename(os.path.normpath(path)) == ckpt_lib.CHECKPOINT_SUBDIR:
+    if os.path.basename(os.path.normpath(path)) == CHECKPOINT_SUBDIR:
         model_dir = os.path.dirname(os.path.normpath(path))
-    identity = files.read_json(os.path.join(model_dir, ckpt_lib.RUN_JSON))
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, ckpt_lib.CHECKPOINT_SUBDIR))
+    identity = files.read_json(os.path.join(model_dir, RUN_JSON))
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_SUBDIR))
     if identity is None or latest is None:
-        raise WeightsError(f"{path} is a directory without a training checkpoint (run.json and "
-                           f"{ckpt_lib.CHECKPOINT_SUBDIR}/); pass a weights file or a run's "
-                           "--model_dir.")
+        raise WeightsError(f"{path} is a directory without a training checkpoint ({RUN_JSON} and "
+                           f"{CHECKPOINT_SUBDIR}/); pass a weights file or a run's --model_dir.")
     # Built as training builds it (keras_resnet.training.run.make_model), so the checkpoint's
     # object graph matches; the check below refuses a checkpoint that left weights unset.
     model = build_resnet(identity["depth"], num_classes=identity["num_classes"],
