@@ -41,6 +41,7 @@ def _evaluate(root, weights_path, *extra):
     return status, (json.loads(out.read_text()) if out.exists() else None)
 
 
+@pytest.mark.slow  # trains a demo model in a subprocess (module fixture)
 def test_evaluate_gives_the_runs_top1(demo_run):
     """Export, best.keras and the run directory, center crop at the training size: the top-1
     and top-5 that training recorded in results.json, over every validation image."""
@@ -56,6 +57,7 @@ def test_evaluate_gives_the_runs_top1(demo_run):
             "center_crop", SIZE, preprocessing.eval_resize_size(SIZE))
 
 
+@pytest.mark.slow  # trains a demo model in a subprocess (module fixture)
 def test_other_protocols_and_their_limits(demo_run, capsys):
     best = demo_run / "run" / "best.keras"
     for protocol, extra in (("ten_crop", ()), ("full_image", ()),
@@ -69,6 +71,7 @@ def test_other_protocols_and_their_limits(demo_run, capsys):
     assert "is a SavedModel, which crops by itself" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains a demo model in a subprocess (module fixture)
 def test_bad_weights_one_line_error_nothing_written(demo_run, tmp_path, capsys):
     evil = tmp_path / "evil.pth"
     with zipfile.ZipFile(evil, "w") as archive:
@@ -83,7 +86,7 @@ def test_bad_weights_one_line_error_nothing_written(demo_run, tmp_path, capsys):
         assert err[-1].startswith("error:") and message in err[-1], err
 
 
-def test_center_crop_is_the_eval_pipelines(demo_run):
+def test_center_crop_is_the_eval_pipelines():
     protocol = evaluate.Protocol.make("center_crop", SIZE)
     for shape in ((40, 40), (37, 81), (90, 33)):
         image = tf.constant(np.random.default_rng(0).integers(0, 256, (*shape, 3)), tf.uint8)
@@ -96,6 +99,7 @@ def test_center_crop_is_the_eval_pipelines(demo_run):
     assert evaluate_cmd.PROTOCOLS == evaluate.PROTOCOLS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, name", [("torchvision", "w.pth"), ("safetensors", "w.safetensors")])
 def test_export_weight_files(demo_run, tmp_path, fmt, name):
     import keras

@@ -119,6 +119,7 @@ def finetune_setup(tmp_path_factory):
     return str(root / "data"), extra, sd, reference
 
 
+@pytest.mark.slow  # training runs in subprocesses
 def test_finetuning_run_starts_from_file_and_freezes(finetune_setup):
     _, _, sd, reference = finetune_setup
     weights = final_weights(reference)
@@ -133,6 +134,7 @@ def test_finetuning_run_starts_from_file_and_freezes(finetune_setup):
     assert len(means) == 1
 
 
+@pytest.mark.slow  # training runs in subprocesses
 def test_finetuning_run_resumes_exactly_and_ignores_init_from(finetune_setup, tmp_path):
     data_dir, extra, _, reference = finetune_setup
     args = flags(data_dir, str(tmp_path), **extra)
