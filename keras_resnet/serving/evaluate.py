@@ -199,8 +199,9 @@ def evaluate_path(path, split, protocol, *, batch_size=64, depth=None, variant=N
         default = Protocol.make("center_crop", image_size or protocol.crop_size)
         if protocol != default:
             raise ValueError(f"{path} is a SavedModel, which crops by itself (center crop "
-                             f"{default.crop_size} of {default.resize_size}); evaluate another "
-                             "protocol or size from the weights (a .keras file or run directory).")
+                             f"{default.crop_size} of {default.resize_size}): evaluate it with "
+                             f"--protocol=center_crop --image_size={default.crop_size}, or other "
+                             "protocols and sizes from the weights (a .keras file or run dir).")
         result = evaluate(predict, bytes_dataset(split, batch_size), num_batches=steps,
                           progress=progress)
         return _record(result, saved_model, protocol)
