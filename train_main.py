@@ -9,15 +9,12 @@ Flags can also come from a file: --flagfile=my_run.flags. Every flag is a `Confi
 """
 
 import dataclasses
-import logging as py_logging
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ INFO lines
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from keras_resnet.training.config import Config  # noqa: E402  (no TensorFlow import)
+from keras_resnet import logs  # no TensorFlow import
+from keras_resnet.training.config import Config  # no TensorFlow import
 
 HELP = {
     "depth": "ResNet depth: 18, 34, 50, 101 or 152.",
@@ -95,16 +92,10 @@ def _define_flags():
 
 
 _define_flags()
+flags.DEFINE_integer("tf_log_level", None, "TensorFlow's C++ log level (TF_CPP_MIN_LOG_LEVEL): 0 "
+                     "all, 1 warnings and errors, 2 errors, 3 none. Default: the "
+                     "TF_CPP_MIN_LOG_LEVEL environment variable, else 1.")
 FLAGS = flags.FLAGS
-
-
-class _QuietLibraries(py_logging.Filter):
-    """Drops TensorFlow's and Keras's own INFO lines (e.g. one per checkpoint shard), keeping
-    ours and every warning."""
-
-    def filter(self, record):
-        library = any(f"{os.sep}{name}{os.sep}" in record.pathname for name in ("tensorflow", "keras"))
-        return record.levelno >= py_logging.WARNING or not library
 
 
 def config_from_flags():
@@ -119,13 +110,9 @@ def main(argv):
     except ValueError as e:
         return _fail(e)
 
-    from keras_resnet.training import (
-        run as train,  # heavy import (TensorFlow) after flags are checked
-    )
-
-    quiet = _QuietLibraries()
-    py_logging.getLogger("tensorflow").addFilter(quiet)
-    py_logging.getLogger("absl").addFilter(quiet)  # TensorFlow also logs through absl
+    logs.setup(FLAGS.tf_log_level, absl_app=True)
+    logs.import_tensorflow()  # heavy import after flags are checked, without start-up noise
+    from keras_resnet.training import run as train
 
     if config.summary:
         print(train.summarize(config))

@@ -4,11 +4,14 @@ A command module defines its flags in a function, not at import, so it can be im
 library (or by a test, beside other commands) without claiming global flag names. `run` parses
 argv (with `--flagfile=FILE` and `--help`), prints a one-line error for a bad flag, and calls
 `main(flag_values, args)`. `train_main.py` uses absl's global `FLAGS` and `app.run`, as a script.
+Every command first sets up readable logs (`keras_resnet.logs`).
 """
 
 import sys
 
 from absl import flags
+
+from keras_resnet import logs
 
 
 class UsageError(Exception):
@@ -36,8 +39,13 @@ def parse(define_flags, argv, *, prog, doc="", positional=False):
 
 
 def run(define_flags, main, argv=None, *, prog, doc="", positional=False):
-    """Parses flags and runs `main(flag_values, args) -> exit status`; returns the exit status."""
+    """Parses flags and runs `main(flag_values, args) -> exit status`; returns the exit status.
+
+    A command that uses TensorFlow imports it first with `logs.import_tensorflow()` (after its
+    flags are checked, so a usage error comes at once).
+    """
     argv = sys.argv if argv is None else [prog, *argv]
+    logs.setup()
     try:
         values, args = parse(define_flags, argv, prog=prog, doc=doc, positional=positional)
         return main(values, args) or 0

@@ -21,8 +21,9 @@ import socket
 import sys
 import time
 
-import tensorflow as tf
-from absl import app, flags
+from absl import flags
+
+from keras_resnet import cli, logs
 
 GRPC = "grpc://"
 
@@ -38,6 +39,7 @@ def start_dispatcher(port=0, work_dir=None):
     With `work_dir` (a shared path) the dispatcher journals its state there and a restarted
     dispatcher resumes the running jobs (fault-tolerant mode).
     """
+    tf = logs.import_tensorflow()
     config = tf.data.experimental.service.DispatcherConfig(
         port=port, work_dir=work_dir, fault_tolerant_mode=bool(work_dir))
     return tf.data.experimental.service.DispatchServer(config)
@@ -49,42 +51,43 @@ def start_worker(dispatcher, port=0, worker_address=None):
     `worker_address` is the address the dispatcher gives to trainers; "%port%" in it becomes
     the worker's port. Default: "<this host's name>:%port%".
     """
+    tf = logs.import_tensorflow()
     config = tf.data.experimental.service.WorkerConfig(
         dispatcher_address=strip_protocol(dispatcher), port=port,
         worker_address=worker_address or f"{socket.gethostname()}:%port%")
     return tf.data.experimental.service.WorkerServer(config)
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("port", 0, "Port to listen on (0: any free port, printed at start).")
-flags.DEFINE_string("dispatcher", "", "HOST:PORT of a dispatcher: start a worker for it. "
-                    "Without it, start a dispatcher.")
-flags.DEFINE_integer("workers", 0, "With a dispatcher: also start this many workers in the same "
-                     "process (handy on one machine).")
-flags.DEFINE_string("worker_address", "", "Address trainers use to reach this worker, e.g. "
-                    "host.example.com:%port% (default: this host's name).")
-flags.DEFINE_string("work_dir", "", "Dispatcher journal directory: enables fault-tolerant mode.")
+def define_flags(values):
+    flags.DEFINE_integer("port", 0, "Port to listen on (0: any free port, printed at start).",
+                         flag_values=values)
+    flags.DEFINE_string("dispatcher", "", "HOST:PORT of a dispatcher: start a worker for it. "
+                        "Without it, start a dispatcher.", flag_values=values)
+    flags.DEFINE_integer("workers", 0, "With a dispatcher: also start this many workers in the "
+                         "same process (handy on one machine).", flag_values=values)
+    flags.DEFINE_string("worker_address", "", "Address trainers use to reach this worker, e.g. "
+                        "host.example.com:%port% (default: this host's name).", flag_values=values)
+    flags.DEFINE_string("work_dir", "", "Dispatcher journal directory: enables fault-tolerant "
+                        "mode.", flag_values=values)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}.")
+def main(opts, args):
     servers = []
-    if FLAGS.dispatcher:
-        if FLAGS.workers:
-            raise app.UsageError("--workers starts workers beside a dispatcher; with "
+    if opts.dispatcher:
+        if opts.workers:
+            raise cli.UsageError("--workers starts workers beside a dispatcher; with "
                                  "--dispatcher this process already is one worker.")
-        servers.append(start_worker(FLAGS.dispatcher, FLAGS.port, FLAGS.worker_address or None))
+        servers.append(start_worker(opts.dispatcher, opts.port, opts.worker_address or None))
         print(f"tf.data service worker on port {servers[0]._address.rpartition(':')[2]}, "
-              f"registered with {strip_protocol(FLAGS.dispatcher)}", flush=True)
+              f"registered with {strip_protocol(opts.dispatcher)}", flush=True)
     else:
-        dispatcher = start_dispatcher(FLAGS.port, FLAGS.work_dir or None)
+        dispatcher = start_dispatcher(opts.port, opts.work_dir or None)
         servers.append(dispatcher)
         target = dispatcher.target
-        for _ in range(FLAGS.workers):
-            servers.append(start_worker(target, worker_address=FLAGS.worker_address or None))
+        for _ in range(opts.workers):
+            servers.append(start_worker(target, worker_address=opts.worker_address or None))
         host = socket.gethostname()
-        print(f"tf.data service dispatcher at {target} ({FLAGS.workers} local worker(s)); "
+        print(f"tf.data service dispatcher at {target} ({opts.workers} local worker(s)); "
               f"train with --tf_data_service=grpc://{host}:{target.rpartition(':')[2]}",
               flush=True)
     try:
@@ -94,5 +97,10 @@ def main(argv):
         return 0
 
 
+def run(argv=None):
+    """The command with `argv` (without the program name; default: sys.argv); exit status."""
+    return cli.run(define_flags, main, argv, prog="keras_resnet.data_service", doc=__doc__)
+
+
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(run())

@@ -22,8 +22,9 @@ import sys
 import tarfile
 import zipfile
 
-from absl import app, flags
+from absl import flags
 
+from keras_resnet import cli
 from keras_resnet.files import atomic_path, read_json, write_json_atomic
 from pipelines.layout import EXTRACTING_MARKER, KAGGLE_IMAGE_ROOT, SYNSET_MAPPING, VAL_SOLUTION
 
@@ -44,13 +45,17 @@ CREDENTIALS_HELP = (
     "it as ~/.kaggle/kaggle.json and run chmod 600 ~/.kaggle/kaggle.json, or set KAGGLE_USERNAME "
     "and KAGGLE_KEY (or KAGGLE_API_TOKEN); or download the zip yourself and pass --archive=ZIP")
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Directory to download and extract ImageNet into.")
-flags.DEFINE_string("archive", None, "Extract this zip (downloaded by browser or the kaggle "
-                    "CLI) instead of downloading.")
-flags.DEFINE_string("competition", COMPETITION, "Kaggle competition to download.")
-flags.DEFINE_bool("keep_archive", False, "Keep the downloaded zip after a verified extraction "
-                  "(an --archive you pass is never deleted).")
+
+
+def define_flags(values):
+    flags.DEFINE_string("data_dir", None, "Directory to download and extract ImageNet into.",
+                        flag_values=values)
+    flags.DEFINE_string("archive", None, "Extract this zip (downloaded by browser or the kaggle "
+                        "CLI) instead of downloading.", flag_values=values)
+    flags.DEFINE_string("competition", COMPETITION, "Kaggle competition to download.",
+                        flag_values=values)
+    flags.DEFINE_bool("keep_archive", False, "Keep the downloaded zip after a verified "
+                      "extraction (an --archive you pass is never deleted).", flag_values=values)
 
 
 class DownloadError(Exception):
@@ -94,8 +99,8 @@ def fetch(data_dir: str, *, archive: str | None = None, competition: str = COMPE
     return report
 
 
-def run(data_dir, *, archive=None, competition=COMPETITION, keep_archive=False,
-        api_factory=None) -> int:
+def fetch_and_print(data_dir, *, archive=None, competition=COMPETITION, keep_archive=False,
+                    api_factory=None) -> int:
     """`fetch` for the command line: prints the report or a one-line error; returns exit code."""
     try:
         report = fetch(data_dir, archive=archive, competition=competition,
@@ -114,13 +119,17 @@ def run(data_dir, *, archive=None, competition=COMPETITION, keep_archive=False,
     return 0
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.data_dir:
-        raise app.UsageError("--data_dir is required, e.g. --data_dir=~/data/imagenet")
-    sys.exit(run(FLAGS.data_dir, archive=FLAGS.archive, competition=FLAGS.competition,
-                 keep_archive=FLAGS.keep_archive))
+def main(flag_values, args):
+    if not flag_values.data_dir:
+        raise cli.UsageError("--data_dir is required, e.g. --data_dir=~/data/imagenet")
+    return fetch_and_print(flag_values.data_dir, archive=flag_values.archive,
+                           competition=flag_values.competition,
+                           keep_archive=flag_values.keep_archive)
+
+
+def run(argv=None):
+    """The command with `argv` (without the program name; default: sys.argv); exit status."""
+    return cli.run(define_flags, main, argv, prog="keras_resnet.download", doc=__doc__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,29 +167,37 @@ def credential_file_warnings() -> list[str]:
 
 
 def _download(data_dir, competition, api_factory, log) -> str:
-    """Downloads (or resumes) `<data_dir>/<competition>.zip`; returns its path once complete."""
+    """Downloads (or resumes) `<data_dir>/<competition>.zip`; returns its path once complete.
+
+    Before anything is downloaded, every blocking problem is found and reported in one message:
+    credentials first, then the competition's rules (where the API tells), then disk space.
+    """
     path = os.path.join(data_dir, competition + ".zip")
     if _download_complete(path):
         log(f"Found the complete download {path}.")
         return path
     have = os.path.getsize(path) if os.path.exists(path) else 0
-    if competition in PLANNING_BYTES:
-        archive_bytes, tree_bytes = PLANNING_BYTES[competition]
-        _check_space(data_dir, archive_bytes - have + tree_bytes,
-                     f"the {competition} archive ({_gb(archive_bytes)}) and its extraction "
-                     f"({_gb(tree_bytes)})")
     for warning in credential_file_warnings():
         print(warning, file=sys.stderr)
-    api = api_factory()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):   # kaggle prints help we replace
-            api.authenticate()
-    except (SystemExit, Exception) as e:
-        # Never echo the exception text: it may hold a token.
-        if isinstance(e, SystemExit) or "credential" in type(e).__name__.lower():
-            raise DownloadError(CREDENTIALS_HELP) from None
-        raise DownloadError(f"could not authenticate with Kaggle ({type(e).__name__}): check "
-                            "your connection and credentials; " + CREDENTIALS_HELP) from None
+    problems = []
+    api, problem = _authenticated_api(api_factory)
+    if problem:
+        problems.append(problem)
+    elif _rules_accepted(api, competition) is False:
+        problems.append(_rules_problem(competition))
+    if competition in PLANNING_BYTES:
+        archive_bytes, tree_bytes = PLANNING_BYTES[competition]
+        problems.append(_space_problem(
+            data_dir, archive_bytes - have + tree_bytes,
+            f"the {competition} archive ({_gb(archive_bytes)}) and its extraction "
+            f"({_gb(tree_bytes)})"))
+    problems = [p for p in problems if p]
+    if len(problems) == 1:
+        raise DownloadError(problems[0])
+    if problems:
+        raise DownloadError(f"{len(problems)} problems stop the download; fix them all, then run "
+                            "the same command again:\n" + "\n".join(
+                                f"  {i}. {p}" for i, p in enumerate(problems, 1)))
     log(f"{'Resuming' if have else 'Downloading'} {competition} into {path} ...")
     try:
         api.competition_download_files(competition, path=data_dir, force=False, quiet=False)
@@ -190,6 +207,49 @@ def _download(data_dir, competition, api_factory, log) -> str:
         raise DownloadError(f"the download of {path} is incomplete: run the same command again "
                             "to resume it")
     return path
+
+
+def _authenticated_api(api_factory):
+    """(api, None) once authenticated, or (None, what to do) when it cannot be."""
+    try:
+        api = api_factory()
+    except DownloadError as e:  # the kaggle package is missing
+        return None, str(e)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):   # kaggle prints help we replace
+            api.authenticate()
+    except (SystemExit, Exception) as e:
+        # Never echo the exception text: it may hold a token.
+        if isinstance(e, SystemExit) or "credential" in type(e).__name__.lower():
+            return None, CREDENTIALS_HELP
+        return None, (f"could not authenticate with Kaggle ({type(e).__name__}): check your "
+                      "connection and credentials; " + CREDENTIALS_HELP)
+    return api, None
+
+
+def _rules_accepted(api, competition):
+    """Whether the account has accepted the competition's rules (joined it), as the API's
+    competition list says; None when the API cannot tell (then a refused download says so)."""
+    lister = getattr(api, "competitions_list", None)
+    if lister is None:
+        return None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            response = lister(search=competition)
+    except Exception:  # an older API, the network: the download itself will tell
+        return None
+    for item in getattr(response, "competitions", response) or []:
+        ref = str(getattr(item, "ref", "") or "")
+        if ref.rstrip("/").rsplit("/", 1)[-1] == competition:
+            entered = getattr(item, "user_has_entered", getattr(item, "userHasEntered", None))
+            return None if entered is None else bool(entered)
+    return None
+
+
+def _rules_problem(competition):
+    url = f"https://www.kaggle.com/competitions/{competition}"
+    return (f"the Kaggle account of your token has not accepted the competition's rules: accept "
+            f"them on its page, {url}/rules")
 
 
 def _download_complete(path) -> bool:
@@ -215,12 +275,20 @@ def _download_error(e, competition) -> DownloadError:
     return DownloadError(f"the download failed ({what}): run the same command again to resume")
 
 
-def _check_space(directory, need_bytes, what) -> None:
+def _space_problem(directory, need_bytes, what):
+    """What to do when `directory` has less than `need_bytes` free, else None."""
     free = shutil.disk_usage(directory).free
     if need_bytes * SPACE_MARGIN > free:
-        raise DownloadError(f"not enough disk space in {directory}: {what} need about "
-                            f"{_gb(need_bytes * SPACE_MARGIN)} more, {_gb(free)} free; free some "
-                            "space or choose another --data_dir")
+        return (f"not enough disk space in {directory}: {what} need about "
+                f"{_gb(need_bytes * SPACE_MARGIN)} more, {_gb(free)} free; free some space or "
+                "choose another --data_dir")
+    return None
+
+
+def _check_space(directory, need_bytes, what) -> None:
+    problem = _space_problem(directory, need_bytes, what)
+    if problem:
+        raise DownloadError(problem)
 
 
 def _gb(n) -> str:
@@ -433,4 +501,4 @@ def _touch(path) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(run())

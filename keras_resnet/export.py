@@ -1,15 +1,22 @@
-"""Export a trained ResNet as a new SavedModel version for TF Serving.
+"""Export a trained ResNet: a SavedModel version for TF Serving, or one file for ONNX Runtime,
+LiteRT (float32 or int8) or OpenVINO.
 
     python -m keras_resnet.export --model_dir=runs/resnet50_imagenet --export_dir=saved_models/r50
     python -m keras_resnet.export --model=model.keras --export_dir=saved_models/r50
+    python -m keras_resnet.export --model_dir=runs/r50 --format=onnx --output=r50.onnx
+    python -m keras_resnet.export --model_dir=runs/r50 --format=litert_int8 --output=r50_int8.tflite \
+        --dataset=imagenet --data_dir=data/imagenet --calibration_images=200
     python -m keras_resnet.export --model_dir=runs/r50 --format=torchvision --output=r50.pth
     python -m keras_resnet.export --model_dir=runs/r50 --format=safetensors --output=r50.safetensors
 
 --format=torchvision writes a torch.save file that `torch.load(PATH, weights_only=True)` reads and
 `torchvision.models.resnetN(num_classes=K).load_state_dict` accepts (strict); safetensors holds the
-same tensors (torchvision / timm names).
+same tensors (torchvision / timm names). Both are weights only (keras_resnet.model.weights).
 
-The library is `keras_resnet.serving.export`; this module parses flags and calls it.
+Every file format takes float32 [N, S, S, 3] RGB 0..255 after the evaluation resize and center
+crop, normalises inside and returns probabilities; its class ids and names are written beside it
+as `<FILE>.json` (see keras_resnet/serving/formats.py). The library is `keras_resnet.serving`;
+this module parses flags and calls the format's writer from `formats.FORMATS`.
 """
 
 import os
@@ -17,36 +24,74 @@ import sys
 
 from absl import flags
 
-from keras_resnet import cli
+from keras_resnet import cli, logs
+from keras_resnet.serving import formats
 
 
 def define_flags(values):
     flags.DEFINE_string("model_dir", None, "Training directory: uses best.keras, else "
                         "latest.keras, and classes.json from it.", flag_values=values)
     flags.DEFINE_string("model", None, "A .keras file (instead of --model_dir).", flag_values=values)
-    flags.DEFINE_string("export_dir", None, "Base directory of the versions.", flag_values=values)
-    flags.DEFINE_string("classes", None, "classes.json (default: beside the model file).",
+    flags.DEFINE_string("format", "saved_model", "One of: " + ", ".join(
+        f"{name} ({fmt.description})" for name, fmt in formats.FORMATS.items()) + ".",
+        flag_values=values)
+    flags.DEFINE_string("export_dir", None, "--format=saved_model: base directory of the versions.",
                         flag_values=values)
-    # Weight files (keras_resnet.model.weights): no SavedModel, one file at --output.
-    flags.DEFINE_enum("format", "saved_model", ["saved_model", "torchvision", "safetensors"],
-                      "What to write.", flag_values=values)
-    flags.DEFINE_string("output", None, "The file for --format=torchvision/safetensors.",
+    flags.DEFINE_string("output", None, "The file to write (model.onnx, model.tflite, model.xml); "
+                        "for saved_model, the same as --export_dir.", flag_values=values)
+    flags.DEFINE_string("classes", None, "classes.json (default: beside the model file).",
                         flag_values=values)
     flags.DEFINE_integer("image_size", None, "Eval crop size (default: the model's input size; "
                          "required when the model input size is dynamic).", flag_values=values)
+    flags.DEFINE_integer("calibration_images", 200, "int8 formats: training images to calibrate "
+                         "the activation ranges on.", flag_values=values)
+    flags.DEFINE_string("dataset", "imagenet", "int8 formats: the dataset whose training split "
+                        "calibrates (imagenet, demo, tfds:NAME).", flag_values=values)
+    flags.DEFINE_string("data_dir", None, "int8 formats: its directory (default: data/imagenet, "
+                        "data/demo).", flag_values=values)
+
+
+def _destination(flag_values, name, fmt):
+    """The --output (or --export_dir) to write to, checked before any model is loaded."""
+    if name == "saved_model":
+        destination = flag_values.output or flag_values.export_dir
+        if not destination:
+            raise cli.UsageError("--export_dir is required, e.g. --export_dir=saved_models/r50.")
+        return destination
+    if flag_values.export_dir:
+        raise cli.UsageError(f"--format={name} writes one file: pass --output=model{fmt.suffix} "
+                             "instead of --export_dir.")
+    if not flag_values.output:
+        raise cli.UsageError(f"--output is required for --format={name}, "
+                             f"e.g. --output=model{fmt.suffix}.")
+    try:
+        formats.check_output(flag_values.output, name)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    return flag_values.output
 
 
 def main(flag_values, args):
     if bool(flag_values.model) == bool(flag_values.model_dir):
         raise cli.UsageError("pass exactly one of --model=FILE.keras or --model_dir=DIR.")
-    weights_file = flag_values.format in ("torchvision", "safetensors")
-    if weights_file and not flag_values.output:
-        raise cli.UsageError(f"--format={flag_values.format} needs --output=FILE.")
-    if not weights_file and not flag_values.export_dir:
-        raise cli.UsageError("--export_dir is required, e.g. --export_dir=saved_models/r50.")
+    try:
+        fmt = formats.get_format(flag_values.format)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    destination = _destination(flag_values, flag_values.format, fmt)
+    if fmt.calibrated and flag_values.calibration_images < 1:
+        raise cli.UsageError("--calibration_images must be >= 1. Received: "
+                             f"{flag_values.calibration_images}.")
+    try:
+        for module in fmt.converters:  # before the model loads: say at once what to install
+            formats.require(module, fmt.extra)
+    except ImportError as e:
+        return _fail(str(e))
+    logs.import_tensorflow()  # before any TensorFlow import: without its start-up noise
     import keras
 
     from keras_resnet.serving import export
+    from pipelines.layout import DataError
 
     path = flag_values.model
     if flag_values.model_dir:
@@ -58,22 +103,26 @@ def main(flag_values, args):
         return _fail(f"model file {path} not found.")
     try:
         model = keras.saving.load_model(path, compile=False)
-        if weights_file:
-            from keras_resnet.model import weights
-
-            print(weights.write_weights(model, flag_values.output, flag_values.format))
-            return 0
         image_size = flag_values.image_size or model.inputs[0].shape[1]
         if image_size is None:
             return _fail(f"{path} takes images of any size; pass --image_size.")
         class_ids, class_names = export.load_classes_for(path, model.outputs[0].shape[-1],
                                                          flag_values.classes)
-        version_dir = export.export_saved_model(model, flag_values.export_dir, image_size=image_size,
-                                                class_ids=class_ids, class_names=class_names)
-    except (ValueError, TypeError, OSError) as e:
+        calibration = _calibration(flag_values, image_size) if fmt.calibrated else None
+        written = fmt.writer(model, destination, image_size=image_size, class_ids=class_ids,
+                             class_names=class_names, calibration=calibration)
+    except (ValueError, TypeError, OSError, ImportError, DataError) as e:
         return _fail(str(e).splitlines()[0])
-    print(version_dir)
+    print(written)
     return 0
+
+
+def _calibration(flag_values, image_size):
+    from keras_resnet.serving import calibration
+
+    return calibration.calibration_images(
+        flag_values.dataset, calibration.default_data_dir(flag_values.dataset, flag_values.data_dir),
+        image_size=image_size, count=flag_values.calibration_images)
 
 
 def _fail(message):

@@ -1,10 +1,13 @@
-"""Print the top-5 classes of images, from an exported SavedModel or a .keras checkpoint.
+"""Print the top-5 classes of images, from any export (SavedModel, ONNX, LiteRT, OpenVINO) or a
+.keras checkpoint.
 
     python -m keras_resnet.predict --model=saved_models/resnet50_imagenet cat.jpg dog.png
+    python -m keras_resnet.predict --model=resnet50.onnx cat.jpg
     python -m keras_resnet.predict --model=runs/resnet50_imagenet/best.keras cat.jpg
 
 --model is a SavedModel version directory, an export base directory (its highest version is
-used), a .keras file (class names from the classes.json beside it), or a training directory
+used), a .onnx, .tflite or OpenVINO .xml file (run in ONNX Runtime, LiteRT or OpenVINO: install
+keras_resnet[onnx], [litert] or [openvino]), a .keras file (class names from the classes.json beside it), or a training directory
 (its best.keras, else latest.keras). Exits with status 1 if any image could not be read.
 The library is `keras_resnet.serving.predict`; this module parses flags and calls it.
 """
@@ -14,30 +17,31 @@ import sys
 
 from absl import flags
 
-from keras_resnet import cli
+from keras_resnet import cli, logs
 
 
 def define_flags(values):
-    flags.DEFINE_string("model", None, "SavedModel (version or base directory), .keras file or "
-                        "model_dir.", flag_values=values)
+    flags.DEFINE_string("model", None, "SavedModel (version or base directory), .onnx, .tflite "
+                        "or OpenVINO .xml file, .keras file or model_dir.", flag_values=values)
     flags.DEFINE_integer("image_size", None, "Eval crop size for a .keras model (default: its "
                          "input size).", flag_values=values)
 
 
 def main(flag_values, images):
     if not flag_values.model:
-        raise cli.UsageError("--model is required: a SavedModel, a .keras file or a model_dir.")
+        raise cli.UsageError("--model is required: a SavedModel, a .onnx/.tflite/.xml file, a "
+                             ".keras file or a model_dir.")
     if not images:
         raise cli.UsageError("name one or more image files after the flags.")
     if not os.path.exists(flag_values.model):
         return _fail(f"model {flag_values.model} not found.")
-    import tensorflow as tf
+    tf = logs.import_tensorflow()  # without TensorFlow's start-up noise
 
     from keras_resnet.serving import predict as predict_lib
 
     try:
         predict = predict_lib.load_predictor(flag_values.model, flag_values.image_size)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:  # ImportError: a runtime extra
         return _fail(str(e).splitlines()[0])
 
     failed = 0

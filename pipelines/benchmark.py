@@ -9,16 +9,16 @@ training reads it) for a warm-up pass and `--passes` timed passes; the last line
 ImageNet-sized JPEGs (about 500x375, 70-110 KiB).
 """
 
-import argparse
 import dataclasses
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
-import tensorflow as tf
+from absl import flags
 
-from pipelines import dataset, preprocessing
+from keras_resnet import cli, logs
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 FAKE_SIZE = (500, 375)  # (width, height) of a typical ImageNet photo
@@ -69,7 +69,7 @@ def write_fake_images(data_dir: str, num_images: int, seed: int = 0) -> None:
             os.path.join(folder, f"fake_{i:06d}.JPEG"), quality=FAKE_QUALITY)
 
 
-def images_per_second(ds: tf.data.Dataset, batches_per_pass: int, passes: int) -> float:
+def images_per_second(ds, batches_per_pass: int, passes: int) -> float:
     """Median images/s over `passes` windows of `batches_per_pass` batches, read from one
     iterator after a warm-up window, as training reads its input.
 
@@ -90,17 +90,24 @@ def images_per_second(ds: tf.data.Dataset, batches_per_pass: int, passes: int) -
     return statistics.median(window() for _ in range(passes))
 
 
-def decode_only(split: FolderSplit, batch_size: int) -> tf.data.Dataset:
+def decode_only(split: FolderSplit, batch_size: int):
     """Read + full JPEG decode, nothing else (the output is trimmed so batching costs nothing)."""
+    import tensorflow as tf
+
+    from pipelines import preprocessing
+
     ds = tf.data.Dataset.from_tensor_slices((split.files, split.labels)).repeat()
     ds = ds.map(lambda f, y: (preprocessing.decode_image(tf.io.read_file(f))[:1, :1], y),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def keras_pipeline(data_dir: str, batch_size: int, image_size: int) -> tf.data.Dataset:
+def keras_pipeline(data_dir: str, batch_size: int, image_size: int):
     """Keras's own path: decode + resize every image, then random crop and flip per batch."""
     import keras
+    import tensorflow as tf
+
+    from pipelines import preprocessing
 
     resize = preprocessing.eval_resize_size(image_size)
     ds = keras.utils.image_dataset_from_directory(
@@ -112,52 +119,65 @@ def keras_pipeline(data_dir: str, batch_size: int, image_size: int) -> tf.data.D
     return ds.repeat().prefetch(tf.data.AUTOTUNE)
 
 
-def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data_dir", required=True, help="ImageFolder: class folders of JPEGs")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--passes", type=int, default=3,
-                        help="timed passes over the images, one iterator (median reported)")
-    parser.add_argument("--fake_images", type=int, default=0,
-                        help="first write this many fake JPEGs if data_dir has no images")
-    parser.add_argument("--skip_keras", action="store_true", help="skip the Keras comparison")
-    args = parser.parse_args(argv)
+def define_flags(values):
+    flags.DEFINE_string("data_dir", None, "ImageFolder: class folders of JPEGs (required).",
+                        flag_values=values)
+    flags.DEFINE_integer("batch_size", 128, "Batch size.", flag_values=values)
+    flags.DEFINE_integer("image_size", 224, "Training crop size in pixels.", flag_values=values)
+    flags.DEFINE_integer("passes", 3, "Timed passes over the images, one iterator (median "
+                         "reported).", flag_values=values)
+    flags.DEFINE_integer("fake_images", 0, "First write this many fake JPEGs if data_dir has no "
+                         "images.", flag_values=values)
+    flags.DEFINE_bool("skip_keras", False, "Skip the Keras comparison.", flag_values=values)
 
-    if args.fake_images and not (os.path.isdir(args.data_dir) and os.listdir(args.data_dir)):
-        write_fake_images(args.data_dir, args.fake_images)
-    if not os.path.isdir(args.data_dir):
-        parser.error(f"--data_dir={args.data_dir!r} is not a directory; pass --fake_images=2000 "
-                     "to generate ImageNet-sized JPEGs there")
-    if os.path.isdir(os.path.join(args.data_dir, "train")):  # an ImageFolder root: use train/
-        args.data_dir = os.path.join(args.data_dir, "train")
+
+def main(opts, args) -> int:
+    if not opts.data_dir:
+        raise cli.UsageError("--data_dir is required: a folder of class folders of images "
+                             "(--fake_images=2000 fills an empty one)")
+    data_dir = opts.data_dir
+    if opts.fake_images and not (os.path.isdir(data_dir) and os.listdir(data_dir)):
+        write_fake_images(data_dir, opts.fake_images)
+    if not os.path.isdir(data_dir):
+        raise cli.UsageError(f"--data_dir={data_dir!r} is not a directory; pass "
+                             "--fake_images=2000 to generate ImageNet-sized JPEGs there")
+    if os.path.isdir(os.path.join(data_dir, "train")):  # an ImageFolder root: use train/
+        data_dir = os.path.join(data_dir, "train")
     try:
-        split = image_folder(args.data_dir)
+        split = image_folder(data_dir)
     except ValueError as e:
-        parser.error(str(e))
-    if split.num_examples < args.batch_size:
-        parser.error(f"{split.num_examples} images do not fill one batch of "
-                     f"--batch_size={args.batch_size}; use more images or a smaller batch")
-    print(f"{split.num_examples} images, batch {args.batch_size}, size {args.image_size}, "
+        raise cli.UsageError(str(e)) from None
+    if split.num_examples < opts.batch_size:
+        raise cli.UsageError(f"{split.num_examples} images do not fill one batch of "
+                             f"--batch_size={opts.batch_size}; use more images or a smaller batch")
+    logs.import_tensorflow()
+    from pipelines import dataset
+
+    print(f"{split.num_examples} images, batch {opts.batch_size}, size {opts.image_size}, "
           f"{os.cpu_count()} CPUs", flush=True)
 
-    batches = split.num_examples // args.batch_size
-    rate = images_per_second(decode_only(split, args.batch_size), batches, args.passes)
+    batches = split.num_examples // opts.batch_size
+    rate = images_per_second(decode_only(split, opts.batch_size), batches, opts.passes)
     print(f"JPEG decode only (ceiling): {rate:.0f} images/s", flush=True)
-    if not args.skip_keras:
+    if not opts.skip_keras:
         keras_rate = images_per_second(
-            keras_pipeline(args.data_dir, args.batch_size, args.image_size), batches, args.passes)
+            keras_pipeline(data_dir, opts.batch_size, opts.image_size), batches, opts.passes)
         print(f"keras image_dataset_from_directory + RandomCrop/RandomFlip: "
               f"{keras_rate:.0f} images/s", flush=True)
     train = dataset.build_train_dataset(
-        split, global_batch_size=args.batch_size, image_size=args.image_size, seed=0,
-        num_epochs=args.passes + 1)
-    train_rate = images_per_second(train, batches, args.passes)
+        split, global_batch_size=opts.batch_size, image_size=opts.image_size, seed=0,
+        num_epochs=opts.passes + 1)
+    train_rate = images_per_second(train, batches, opts.passes)
     print(f"train pipeline: {train_rate / rate:.2f}x decode only"
-          + ("" if args.skip_keras else f", {train_rate / keras_rate:.2f}x keras"), flush=True)
+          + ("" if opts.skip_keras else f", {train_rate / keras_rate:.2f}x keras"), flush=True)
     print(f"images/s: {train_rate:.0f}")
-    return train_rate
+    return 0
+
+
+def run(argv=None):
+    """The command with `argv` (without the program name; default: sys.argv); exit status."""
+    return cli.run(define_flags, main, argv, prog="pipelines.benchmark", doc=__doc__)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

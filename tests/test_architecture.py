@@ -11,7 +11,8 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = {"keras_resnet.files", "keras_resnet.constants", "keras_resnet.cli", "pipelines.layout",
+BASE = {"keras_resnet.files", "keras_resnet.constants", "keras_resnet.cli", "keras_resnet.logs",
+        "pipelines.layout",
         "pipelines.formats"}
 # What each group may import from the project (besides itself and BASE).
 ALLOWED = {

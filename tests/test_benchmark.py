@@ -23,7 +23,7 @@ def run_benchmark(*args, timeout=300):
 @pytest.mark.slow
 def test_tiny_benchmark_prints_table_ratio_and_images_per_sec():
     done = run_benchmark("--depth=18", "--image_size=32", "--batch_size=2", "--warmup_steps=1",
-                         "--steps=2", "--precision=auto,float32", "--noisolate")
+                         "--steps=2", "--precision=auto,float32", "--noisolate", "--torch=none")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
 
@@ -43,6 +43,34 @@ def test_tiny_benchmark_prints_table_ratio_and_images_per_sec():
         images_per_sec = float(row.split()[4])
         assert images_per_sec > 0, row
     assert rows[2].split()[8] == "1.00x"  # the baseline against itself
+
+
+@pytest.mark.slow
+def test_torch_row_trains_the_same_network_and_prints_the_ratio():
+    pytest.importorskip("torch")
+    done = run_benchmark("--depth=18", "--image_size=32", "--batch_size=2", "--warmup_steps=1",
+                         "--steps=2", "--precision=float32", "--nobaseline",
+                         "--torch=bf16_channels_last")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    rows = lines[header + 1:header + 3]
+    assert [" ".join(row.split()[:2]) for row in rows] == ["resnet18 float32",
+                                                           "torch resnet18"], rows
+    assert float(rows[1].split()[5]) > 0  # images/s of the torch row
+    assert re.search(rf"resnet18 float32 vs torch resnet18 bf16_channels_last: {NUMBER}x",
+                     done.stdout)
+    device = next(line for line in lines if line.startswith("Device: "))
+    assert "logical CPUs; flags:" in device
+
+
+def test_torch_network_has_torchvisions_parameter_count():
+    """torchvision's resnet18 has 11,689,512 parameters and resnet50 25,557,032 (1000 classes)."""
+    pytest.importorskip("torch")
+    from keras_resnet.model.torch_resnet import build_torch_resnet
+
+    for depth, count in ((18, 11_689_512), (50, 25_557_032)):
+        assert sum(p.numel() for p in build_torch_resnet(depth).parameters()) == count
 
 
 def test_bad_setting_is_a_one_line_usage_error():

@@ -22,10 +22,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class FakeKaggle:
     """Stands in for kaggle.KaggleApi: 'downloads' a local zip into <path>/<competition>.zip."""
 
-    def __init__(self, zip_path=None, *, auth_error=None, error=None, fail_first=False):
+    def __init__(self, zip_path=None, *, auth_error=None, error=None, fail_first=False,
+                 entered=None):
         self.zip_path, self.auth_error, self.error = zip_path, auth_error, error
         self.fail_first = fail_first      # first call stops half way, as a dropped connection
+        self.entered = entered            # rules accepted, as kaggle's competition list says
         self.downloads = 0
+
+    def competitions_list(self, search=None, **kwargs):
+        """kaggle 2.x: a response whose competitions carry `ref` and `user_has_entered`."""
+        if self.entered is None:
+            return SimpleNamespace(competitions=[])
+        return SimpleNamespace(competitions=[
+            SimpleNamespace(ref=f"https://www.kaggle.com/competitions/{search}-2", user_has_entered=True),
+            SimpleNamespace(ref=f"https://www.kaggle.com/competitions/{search}",
+                            user_has_entered=self.entered)])
 
     def authenticate(self):
         if self.auth_error is not None:
@@ -90,7 +101,7 @@ def test_download_extract_verify(src_tree, tmp_path, capsys, nested):
     archive = make_kaggle_zip(src_tree["root"], tmp_path / "kaggle.zip", nested=nested)
     fake = FakeKaggle(archive)
     dest = tmp_path / "data"
-    assert download.run(str(dest), competition="test-comp", api_factory=lambda: fake) == 0
+    assert download.fetch_and_print(str(dest), competition="test-comp", api_factory=lambda: fake) == 0
     _assert_same_tree(src_tree["root"], dest)
     assert not (dest / "test-comp.zip").exists()          # deleted after verification
     assert (dest / download.DONE_MARKER).exists()
@@ -102,13 +113,13 @@ def test_download_extract_verify(src_tree, tmp_path, capsys, nested):
     src = sources.load_source("imagenet", str(dest))
     assert src.num_classes == 2 and src.val.num_examples == 4
     # A second run trusts the verified tree and does not download again.
-    assert download.run(str(dest), competition="test-comp", api_factory=lambda: fake) == 0
+    assert download.fetch_and_print(str(dest), competition="test-comp", api_factory=lambda: fake) == 0
     assert fake.downloads == 1 and "already extracted" in capsys.readouterr().out
 
 
 def test_user_archive_is_extracted_and_kept(src_tree, tmp_path, capsys):
     archive = make_kaggle_zip(src_tree["root"], tmp_path / "mine.zip", nested=True)
-    assert download.run(str(tmp_path / "data"), archive=archive) == 0
+    assert download.fetch_and_print(str(tmp_path / "data"), archive=archive) == 0
     assert os.path.exists(archive)
     _assert_same_tree(src_tree["root"], tmp_path / "data")
     # Counts differ from real ImageNet: said, not fatal.
@@ -119,10 +130,10 @@ def test_interrupted_download_resumes(src_tree, tmp_path, capsys):
     archive = make_kaggle_zip(src_tree["root"], tmp_path / "kaggle.zip")
     fake = FakeKaggle(archive, fail_first=True)
     dest = tmp_path / "data"
-    assert download.run(str(dest), competition="c", api_factory=lambda: fake) == 1
+    assert download.fetch_and_print(str(dest), competition="c", api_factory=lambda: fake) == 1
     assert "run the same command again to resume" in capsys.readouterr().err
     assert (dest / "c.zip").exists()        # partial kept for the resume
-    assert download.run(str(dest), competition="c", keep_archive=True,
+    assert download.fetch_and_print(str(dest), competition="c", keep_archive=True,
                         api_factory=lambda: fake) == 0
     assert (dest / "c.zip").read_bytes() == open(archive, "rb").read()
     _assert_same_tree(src_tree["root"], dest)
@@ -133,13 +144,13 @@ def test_incomplete_download_is_not_trusted(src_tree, tmp_path, capsys):
     truncated = tmp_path / "truncated.zip"
     truncated.write_bytes(open(archive, "rb").read()[:-100])   # no zip footer
     fake = FakeKaggle(str(truncated))
-    assert download.run(str(tmp_path / "data"), competition="c", api_factory=lambda: fake) == 1
+    assert download.fetch_and_print(str(tmp_path / "data"), competition="c", api_factory=lambda: fake) == 1
     assert "incomplete: run the same command again" in capsys.readouterr().err
 
 
 def test_missing_credentials_message(tmp_path, capsys):
     fake = FakeKaggle(auth_error=SystemExit(1))
-    assert download.run(str(tmp_path / "d"), competition="c", api_factory=lambda: fake) == 1
+    assert download.fetch_and_print(str(tmp_path / "d"), competition="c", api_factory=lambda: fake) == 1
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -167,7 +178,7 @@ def test_rules_not_accepted_403(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     monkeypatch.setenv("KAGGLE_KEY", SECRET)
     fake = FakeKaggle(error=HTTPError(403))
-    assert download.run(str(tmp_path / "d"), competition="c", api_factory=lambda: fake) == 1
+    assert download.fetch_and_print(str(tmp_path / "d"), competition="c", api_factory=lambda: fake) == 1
     captured = capsys.readouterr()
     assert "accept the competition's rules" in captured.err
     assert "https://www.kaggle.com/competitions/c/rules" in captured.err
@@ -182,7 +193,7 @@ def test_credentials_never_printed(src_tree, tmp_path, capsys, monkeypatch):
              FakeKaggle(auth_error=ValueError(f"bad key {SECRET}")),
              FakeKaggle(error=OSError(f"failed at https://x/?sig={SECRET}"))]
     for i, fake in enumerate(fakes):
-        download.run(str(tmp_path / f"d{i}"), competition="c", api_factory=lambda f=fake: f)
+        download.fetch_and_print(str(tmp_path / f"d{i}"), competition="c", api_factory=lambda f=fake: f)
     captured = capsys.readouterr()
     assert SECRET not in captured.out + captured.err
 
@@ -194,7 +205,7 @@ def test_world_readable_kaggle_json_warns(src_tree, tmp_path, capsys, monkeypatc
     os.chmod(config / "kaggle.json", 0o644)
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(config))
     archive = make_kaggle_zip(src_tree["root"], tmp_path / "kaggle.zip")
-    assert download.run(str(tmp_path / "d"), competition="c",
+    assert download.fetch_and_print(str(tmp_path / "d"), competition="c",
                         api_factory=lambda: FakeKaggle(archive)) == 0
     captured = capsys.readouterr()
     assert f"{config / 'kaggle.json'} is readable by other users" in captured.err
@@ -207,14 +218,47 @@ def test_disk_space_checked_before_starting(src_tree, tmp_path, capsys, monkeypa
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10**9))
     fake = FakeKaggle(make_kaggle_zip(src_tree["root"], tmp_path / "k.zip"))
-    assert download.run(str(tmp_path / "d")) == 1     # the real competition: ~334 GB needed
+    assert download.fetch_and_print(str(tmp_path / "d")) == 1     # the real competition: ~334 GB needed
     assert fake.downloads == 0
     err = capsys.readouterr().err
     assert "not enough disk space" in err and "1.0 GB free" in err
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    assert download.run(str(tmp_path / "d2"), archive=str(tmp_path / "k.zip")) == 1
+    assert download.fetch_and_print(str(tmp_path / "d2"), archive=str(tmp_path / "k.zip")) == 1
     assert "not enough disk space" in capsys.readouterr().err
     assert not (tmp_path / "d2" / "ILSVRC").exists()
+
+
+def test_every_blocking_problem_is_reported_at_once(tmp_path, capsys, monkeypatch):
+    """No credentials and too little disk: one message lists both, credentials first."""
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=63 * 10**9))
+    fake = FakeKaggle(auth_error=SystemExit(1))
+    assert download.fetch_and_print(str(tmp_path / "d"), api_factory=lambda: fake) == 1
+    err = capsys.readouterr().err
+    assert "2 problems stop the download" in err and fake.downloads == 0
+    first, second = err.index("1. Kaggle credentials not found"), err.index("2. not enough disk")
+    assert first < second and "63.0 GB free" in err
+    assert SECRET not in err
+
+
+def test_rules_not_accepted_is_found_before_downloading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10**9))
+    fake = FakeKaggle(entered=False)
+    assert download.fetch_and_print(str(tmp_path / "d"), api_factory=lambda: fake) == 1
+    err = capsys.readouterr().err
+    assert fake.downloads == 0 and "2 problems" in err
+    assert "1. the Kaggle account of your token has not accepted the competition's rules" in err
+    assert f"competitions/{download.COMPETITION}/rules" in err and "2. not enough disk" in err
+
+
+def test_accepted_rules_and_space_let_the_download_start(src_tree, tmp_path, monkeypatch):
+    archive = make_kaggle_zip(src_tree["root"], tmp_path / "kaggle.zip")
+    fake = FakeKaggle(archive, entered=True)
+    assert download.fetch_and_print(str(tmp_path / "d"), competition="c", api_factory=lambda: fake) == 0
+    assert fake.downloads == 1
 
 
 def _zip_with(path, entries):
@@ -234,7 +278,7 @@ def test_zip_slip_refused(tmp_path, capsys, name):
     archive = _zip_with(tmp_path / "bad.zip", [("LOC_synset_mapping.txt", "n1 a\n"),
                                                (name, "pwned")])
     before = _outside_untouched(tmp_path)
-    assert download.run(str(tmp_path / "d"), archive=archive) == 1
+    assert download.fetch_and_print(str(tmp_path / "d"), archive=archive) == 1
     assert "refusing unsafe path" in capsys.readouterr().err
     assert _outside_untouched(tmp_path) == sorted(before + ["d"])
     assert os.listdir(tmp_path / "d") == []             # names are checked before any write
@@ -246,7 +290,7 @@ def test_zip_symlink_entry_refused(tmp_path, capsys):
     info.external_attr = (0o120777 << 16)
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
         zf.writestr(info, "/etc")
-    assert download.run(str(tmp_path / "d"), archive=str(tmp_path / "bad.zip")) == 1
+    assert download.fetch_and_print(str(tmp_path / "d"), archive=str(tmp_path / "bad.zip")) == 1
     assert "refusing link entry" in capsys.readouterr().err
 
 
@@ -256,7 +300,7 @@ def test_symlink_planted_in_data_dir_is_not_followed(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     os.symlink(outside, tmp_path / "d" / "ILSVRC")
     archive = _zip_with(tmp_path / "a.zip", [("ILSVRC/x.JPEG", "data")])
-    assert download.run(str(tmp_path / "d"), archive=archive) == 1
+    assert download.fetch_and_print(str(tmp_path / "d"), archive=archive) == 1
     assert "outside" in capsys.readouterr().err and os.listdir(outside) == []
 
 
@@ -288,7 +332,7 @@ def test_tar_slip_refused(tmp_path, capsys, attack):
             _tar_member(tar, "ILSVRC/hard", b"", type=tarfile.LNKTYPE, linkname="../../bad.zip")
     archive = _zip_with(tmp_path / "bad.zip", [(NESTED_TAR, buf.getvalue())])
     before = _outside_untouched(tmp_path)
-    assert download.run(str(tmp_path / "d"), archive=archive) == 1
+    assert download.fetch_and_print(str(tmp_path / "d"), archive=archive) == 1
     err = capsys.readouterr().err
     assert "refusing unsafe" in err and "Traceback" not in err
     assert _outside_untouched(tmp_path) == sorted(before + ["d"])
@@ -310,7 +354,7 @@ def test_partial_extraction_is_finished_on_rerun(src_tree, tmp_path, capsys, mon
         real_write(src, target, *args)
 
     monkeypatch.setattr(download, "_write_atomic", write_then_die)
-    assert download.run(str(dest), archive=archive) == 130
+    assert download.fetch_and_print(str(dest), archive=archive) == 130
     assert (dest / sources.EXTRACTING_MARKER).exists()
     assert not (dest / download.DONE_MARKER).exists()
     if (dest / "ILSVRC").exists():
@@ -321,7 +365,7 @@ def test_partial_extraction_is_finished_on_rerun(src_tree, tmp_path, capsys, mon
         f.truncate(1)
     monkeypatch.setattr(download, "_write_atomic", real_write)
     capsys.readouterr()
-    assert download.run(str(dest), archive=archive) == 0
+    assert download.fetch_and_print(str(dest), archive=archive) == 0
     _assert_same_tree(src_tree["root"], dest)
     assert not (dest / sources.EXTRACTING_MARKER).exists()
     assert sources.load_source("imagenet", str(dest)).val.num_examples == 4

@@ -1,10 +1,12 @@
-"""Print the top-5 classes of images, from an exported SavedModel or a .keras checkpoint.
+"""Print the top-5 classes of images, from an exported SavedModel, ONNX, LiteRT or OpenVINO file,
+or a .keras checkpoint.
 
     python -m keras_resnet.predict --model=saved_models/resnet50_imagenet cat.jpg dog.png
     python -m keras_resnet.predict --model=runs/resnet50_imagenet/best.keras cat.jpg
 
 --model is a SavedModel version directory, an export base directory (its highest version is
-used), a .keras file (class names from the classes.json beside it), or a training directory
+used), a .onnx / .tflite / .xml file (run in ONNX Runtime, LiteRT or OpenVINO, after the same
+decode, resize and center crop as evaluation), a .keras file (class names from the classes.json beside it), or a training directory
 (its best.keras, else latest.keras). Exits with status 1 if any image could not be read.
 """
 
@@ -16,12 +18,15 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet.serving import export
+from keras_resnet.serving import formats as deploy
 from pipelines import formats
 from pipelines.preprocessing import preprocess_for_eval
 
 
 def load_predictor(path, image_size=None):
     """Returns `predict(image_bytes) -> (scores, labels, names)`, the top 5 for one image."""
+    if deploy.is_deploy_file(path):
+        return _file_predictor(deploy.load_runner(path))
     saved_model = export.latest_version_dir(path) if os.path.isdir(path) else None
     if saved_model:
         serve = tf.saved_model.load(saved_model).signatures["serving_default"]
@@ -49,6 +54,20 @@ def load_predictor(path, image_size=None):
         probs = probabilities(pixels[None])[0].numpy()
         top = np.argsort(-probs, kind="stable")[:k]
         return probs[top], [class_ids[i] for i in top], [class_names[i] for i in top]
+
+    return predict
+
+
+def _file_predictor(runner):
+    """The model runs in its own runtime; decoding and cropping are the evaluation pipeline's."""
+    k = min(export.TOP_K, len(runner.class_ids))
+
+    def predict(image_bytes):
+        _check_image_bytes(image_bytes)
+        pixels = preprocess_for_eval(image_bytes, runner.image_size, recover_truncated=False)
+        probs = runner(tf.cast(pixels, tf.float32)[None].numpy())[0]
+        top = np.argsort(-probs, kind="stable")[:k]
+        return probs[top], [runner.class_ids[i] for i in top], [runner.class_names[i] for i in top]
 
     return predict
 

@@ -1,0 +1,88 @@
+"""LiteRT (TFLite) export, float32 or full-integer int8, and inference in the LiteRT runtime.
+
+Both files take `images` float32 [N, S, S, 3] and return `probabilities` float32 [N, C] (the
+contract in serving/formats.py), through the signature `serving_default`. The int8 file is
+quantized after training from calibration images of the training split: weights int8 per channel,
+activations int8 per tensor, every op an int8 kernel (`TFLITE_BUILTINS_INT8` only, so conversion
+fails rather than leave an op in float); a quantize op after the input and a dequantize op before
+the output keep the float32 contract, so clients need no scale or zero point.
+
+Converted by TensorFlow's own converter (`tf.lite.TFLiteConverter`, from a SavedModel as Keras's
+`model.export(format="litert")` does, but of `formats.deploy_model`); run by `ai-edge-litert`,
+LiteRT's standalone runtime, which needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy
+
+from keras_resnet import files
+from keras_resnet.serving import formats
+
+SIGNATURE = "serving_default"
+
+
+def to_tflite(model, *, image_size, calibration=None):
+    """The .tflite bytes of `model`; int8 when `calibration` (a callable yielding float32
+    [1, S, S, 3] images) is given."""
+    import keras
+    import tensorflow as tf
+
+    serve = formats.serving_function(model, image_size)
+    with tempfile.TemporaryDirectory() as saved_model:
+        archive = keras.export.ExportArchive()
+        archive.track(serve.deployed)
+        archive.add_endpoint(SIGNATURE, serve)
+        archive.write_out(saved_model, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model, [SIGNATURE])
+        if calibration is not None:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = lambda: ([image] for image in calibration())
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        return converter.convert()
+
+
+def write_litert(model, output, *, image_size, class_ids, class_names, calibration=None,
+                 quantize=False):
+    """Writes `output` (.tflite) and `<output>.json` atomically; returns `output`."""
+    fmt = "litert_int8" if quantize else "litert"
+    formats.check_output(output, fmt)
+    if quantize and calibration is None:
+        raise ValueError("litert_int8 needs calibration images from the training split "
+                         "(--dataset, --data_dir and --calibration_images).")
+    data = to_tflite(model, image_size=image_size, calibration=calibration if quantize else None)
+    formats.write_sidecar(output, fmt=fmt, image_size=image_size, class_ids=class_ids,
+                          class_names=class_names)
+    return files.write_bytes_atomic(output, data)
+
+
+class LiteRTRunner:
+    """`runner(images float32 [N, S, S, 3]) -> probabilities [N, C]` in LiteRT (no TF)."""
+
+    format = "litert"
+
+    def __init__(self, path, threads=0):
+        interpreter = formats.require("ai_edge_litert.interpreter", "litert")
+        self.interpreter = interpreter.Interpreter(model_path=path,
+                                                   num_threads=threads or os.cpu_count())
+        (self.input,) = self.interpreter.get_input_details()
+        (self.output,) = self.interpreter.get_output_details()
+        self.image_size = int(self.input["shape_signature"][1])
+        self._batch = None
+        side = formats.read_sidecar(path) or {}
+        self.class_ids = side.get("class_ids")
+        self.class_names = side.get("class_names", self.class_ids)
+        if any(t["dtype"] == numpy.int8 for t in self.interpreter.get_tensor_details()):
+            self.format = "litert_int8"
+
+    def __call__(self, images):
+        if images.shape[0] != self._batch:  # the batch dimension is dynamic: size it per call
+            self.interpreter.resize_tensor_input(self.input["index"], images.shape)
+            self.interpreter.allocate_tensors()
+            self._batch = images.shape[0]
+        self.interpreter.set_tensor(self.input["index"], images)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"])

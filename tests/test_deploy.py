@@ -1,0 +1,316 @@
+"""Deployment formats (ONNX, LiteRT float32 and int8, OpenVINO), each loaded in its own runtime
+(onnxruntime, ai-edge-litert, openvino; never through TensorFlow) and compared with the Keras model
+on the same preprocessed images; the export and predict commands and their errors."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from keras_resnet import export as export_cmd
+from keras_resnet import predict as predict_cmd
+from keras_resnet.serving import formats
+
+SIZE = 64
+CLASSES = 10
+FLOAT_FORMATS = {"onnx": "model.onnx", "litert": "model.tflite", "openvino": "model.xml"}
+
+
+def _sharp_model(**kwargs):
+    """A ResNet-18 whose probabilities are far from uniform (a random init gives ~1/C everywhere,
+    where any converter would agree to 1e-4) and whose BatchNorms are not the identity."""
+    import keras
+
+    from keras_resnet.model.resnet import build_resnet
+
+    keras.utils.set_random_seed(0)
+    model = build_resnet(18, CLASSES, (SIZE, SIZE, 3), include_preprocessing=True, **kwargs)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.uniform(-0.2, 0.2, shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
+            layer.beta.assign(rng.uniform(-0.2, 0.2, shape))
+    dense = model.get_layer("predictions")
+    dense.kernel.assign(rng.normal(0.0, 2.0, dense.kernel.shape))
+    return model
+
+
+def _images(n=6, seed=1):
+    """Preprocessed images as every format takes them: float32 RGB 0..255 (integral, as the eval
+    pipeline's uint8 output)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3)).astype(np.float32)
+
+
+def _keras_probabilities(model, images):
+    return model(images.astype(np.uint8), training=False).numpy()
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    """(model, .keras path) with classes.json beside it."""
+    from keras_resnet.serving import export
+
+    root = tmp_path_factory.mktemp("sharp")
+    model = _sharp_model()
+    path = str(root / "model.keras")
+    model.save(path)
+    export.write_classes_json(str(root / "classes.json"), [f"n{i:08d}" for i in range(CLASSES)],
+                              [f"class {i}, ünïcode" for i in range(CLASSES)])
+    return model, path
+
+
+def _export(model_path, fmt, output, *extra):
+    return export_cmd.run([f"--model={model_path}", f"--format={fmt}", f"--output={output}",
+                           *extra])
+
+
+@pytest.mark.parametrize("fmt", sorted(FLOAT_FORMATS))
+def test_float_formats_match_keras_in_their_own_runtime(sharp, tmp_path, fmt):
+    model, model_path = sharp
+    output = str(tmp_path / FLOAT_FORMATS[fmt])
+    assert _export(model_path, fmt, output) == 0
+    tf_modules = {name for name in sys.modules if name.split(".")[0] == "tensorflow"}
+    runner = formats.load_runner(output)
+    assert runner.format == fmt and runner.image_size == SIZE
+    assert type(runner).__module__ == f"keras_resnet.serving.{fmt}"
+    images = _images()
+    expected = _keras_probabilities(model, images)
+    assert expected.max() > 0.5  # far from uniform, so a 1e-4 agreement means something
+    got = runner(images)
+    assert got.shape == (6, CLASSES) and got.dtype == np.float32
+    assert np.abs(got - expected).max() < 1e-4
+    # The batch dimension is dynamic: one image, then a different batch size again.
+    assert np.abs(runner(images[:1]) - expected[:1]).max() < 1e-4
+    assert np.abs(runner(images[2:5]) - expected[2:5]).max() < 1e-4
+    # Non-integral pixels (a client resizing in float) are not truncated to uint8 on the way in,
+    # as the training model's uint8 input does: the file matches the float32 Keras copy.
+    half = images[:2] + 0.5
+    float_keras = formats.deploy_model(model, SIZE)(half, training=False).numpy()
+    assert np.abs(runner(half) - float_keras).max() < 1e-4
+    # Loading and running the file imported no TensorFlow module it had not already imported.
+    assert {n for n in sys.modules if n.split(".")[0] == "tensorflow"} == tf_modules
+    sidecar = json.load(open(output + ".json", encoding="utf-8"))
+    assert sidecar["class_names"][3] == "class 3, ünïcode" and sidecar["image_size"] == SIZE
+    assert runner.class_ids[9] == "n00000009"
+
+
+def test_onnx_file_alone_carries_the_contract_and_class_names(sharp, tmp_path):
+    import onnx
+
+    _, model_path = sharp
+    output = str(tmp_path / "m.onnx")
+    assert _export(model_path, "onnx", output) == 0
+    os.remove(output + ".json")  # the file alone is enough
+    proto = onnx.load(output)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["class_names"])[3] == "class 3, ünïcode"
+    assert meta["image_size"] == str(SIZE) and "0..255" in meta["preprocessing"]
+    (graph_input,) = proto.graph.input  # the normalisation constants are not inputs
+    dims = graph_input.type.tensor_type.shape.dim
+    assert graph_input.name == "images" and dims[0].dim_param == "batch"
+    assert [d.dim_value for d in dims[1:]] == [SIZE, SIZE, 3]
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [o.name for o in proto.graph.output] == ["probabilities"]
+    assert formats.load_runner(output).class_names[3] == "class 3, ünïcode"
+
+
+def test_mixed_precision_and_logits_models_export_as_float32_probabilities(tmp_path):
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    bf16 = _sharp_model(classifier_activation=None)
+    keras.mixed_precision.set_global_policy("float32")
+    reference = _sharp_model(classifier_activation=None)
+    reference.set_weights(bf16.get_weights())
+    path = str(tmp_path / "bf16.keras")
+    bf16.save(path)
+    output = str(tmp_path / "bf16.onnx")
+    assert _export(path, "onnx", output) == 0
+    images = _images()
+    expected = keras.ops.softmax(reference(images, training=False)).numpy()
+    got = formats.load_runner(output)(images)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    assert np.abs(got - expected).max() < 1e-4  # float32 maths, not bfloat16 (~1e-2 off)
+
+
+def test_predict_command_runs_each_format(sharp, tmp_path, capsys):
+    from PIL import Image
+
+    model, model_path = sharp
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (80, 96, 3), np.uint8)).save(image)
+    printed = {}
+    for fmt, name in FLOAT_FORMATS.items():
+        output = str(tmp_path / name)
+        assert _export(model_path, fmt, output) == 0
+        capsys.readouterr()
+        assert predict_cmd.run([f"--model={output}", str(image)]) == 0
+        printed[fmt] = capsys.readouterr().out.splitlines()
+    assert predict_cmd.run([f"--model={model_path}", str(image)]) == 0
+    keras_lines = capsys.readouterr().out.splitlines()
+    for fmt, lines in printed.items():
+        assert len(lines) == 6 and lines[0] == str(image), fmt
+        # Same classes in the same order and scores to 4 decimals (+-1 in the last digit).
+        assert [line.split()[1:] for line in lines[1:]] == \
+            [line.split()[1:] for line in keras_lines[1:]], fmt
+        for a, b in zip(lines[1:], keras_lines[1:], strict=True):
+            assert abs(float(a.split()[0]) - float(b.split()[0])) <= 1.5e-4, fmt
+
+
+def test_bad_input_gets_one_line_errors(sharp, tmp_path, capsys, monkeypatch):
+    _, model_path = sharp
+
+    def error(argv, command=export_cmd):
+        status = command.run(argv)
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err
+        return status, err
+
+    status, err = error([f"--model={model_path}", "--format=tensorrt", "--output=x.plan"])
+    assert status == 2 and "format='tensorrt'" in err and "onnx_int8, litert, litert_int8, openvino" in err
+    status, err = error([f"--model={tmp_path}/nope.keras", "--format=onnx",
+                         f"--output={tmp_path}/x.onnx"])
+    assert status == 1 and "nope.keras not found" in err
+    status, err = error([f"--model_dir={tmp_path}", "--format=onnx", f"--output={tmp_path}/x.onnx"])
+    assert status == 1 and "no best.keras or latest.keras" in err and "train first" in err
+    status, err = error([f"--model={model_path}", "--format=onnx", f"--output={tmp_path}/x.tflite"])
+    assert status == 2 and "--output=model.onnx" in err
+    status, err = error([f"--model={model_path}", "--format=litert"])
+    assert status == 2 and "--output is required" in err
+    status, err = error([f"--model={model_path}", "--format=litert_int8",
+                         f"--output={tmp_path}/q.tflite", "--dataset=imagenet",
+                         f"--data_dir={tmp_path}/no_imagenet"])
+    assert status == 1 and "keras_resnet.download" in err
+    assert not os.path.exists(tmp_path / "q.tflite")
+    status, err = error([f"--model={tmp_path}/x.onnx", str(tmp_path)], predict_cmd)
+    assert status == 1 and "x.onnx not found" in err
+
+    # A runtime or converter that is not installed: say which extra to install.
+    output = str(tmp_path / "m.onnx")
+    assert _export(model_path, "onnx", output) == 0
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)
+    with pytest.raises(formats.MissingExtra, match=r"pip install 'keras_resnet\[onnx\]'"):
+        formats.load_runner(output)
+    status, err = error([f"--model={output}", model_path], predict_cmd)
+    assert status == 1 and "onnxruntime is not installed; pip install 'keras_resnet[onnx]'" in err
+    status, err = error([f"--model={model_path}", "--format=onnx", f"--output={tmp_path}/y.onnx"])
+    assert status == 1 and "tf2onnx is not installed; pip install 'keras_resnet[onnx]'" in err
+    for module, extra, name in (("ai_edge_litert", "litert", "m.tflite"),
+                                ("openvino", "openvino", "m.xml")):
+        for loaded in [m for m in sys.modules if m.split(".")[0] == module] or [module]:
+            monkeypatch.setitem(sys.modules, loaded, None)
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(formats.MissingExtra, match=rf"pip install 'keras_resnet\[{extra}\]'"):
+            formats.load_runner(str(tmp_path / name))
+
+
+def test_a_failed_export_leaves_the_previous_file_and_no_temporaries(sharp, tmp_path,
+                                                                     monkeypatch, capsys):
+    _, model_path = sharp
+    for fmt, name in FLOAT_FORMATS.items():
+        output = tmp_path / name
+        assert _export(model_path, fmt, str(output)) == 0
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+        real_replace = os.replace
+
+        def crash(src, dst, name=name, real_replace=real_replace):  # dies after the bytes are written, before the model is renamed
+            if os.path.basename(dst) in (name, name.replace(".xml", ".bin")):
+                raise OSError(28, "No space left on device")
+            return real_replace(src, dst)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", crash)
+            assert _export(model_path, fmt, str(output)) == 1
+        assert "No space left on device" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, fmt
+        for p in tmp_path.iterdir():
+            p.unlink()
+
+
+# --- a model trained on the demo dataset: accuracy in every runtime, int8 included --------------
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """ResNet-18 trained 8 epochs at 64 px on the demo dataset (as `make demo`), its validation
+    images preprocessed by the eval pipeline, and their labels."""
+    import tensorflow as tf
+
+    from keras_resnet.training.config import Config
+    from keras_resnet.training.run import train_and_evaluate
+    from pipelines.preprocessing import preprocess_for_eval
+    from pipelines.sources import load_source
+
+    root = tmp_path_factory.mktemp("demo")
+    data_dir, model_dir = str(root / "data"), str(root / "run")
+    train_and_evaluate(Config(
+        dataset="demo", data_dir=data_dir, depth=18, image_size=SIZE, batch_size=32, epochs=8,
+        base_learning_rate=0.2, warmup_epochs=1, label_smoothing=0.0, model_dir=model_dir,
+        export=False, mixed_precision="float32", distribution="one_device", verbose="2",
+        checkpoint_every_steps=1000))
+    val = load_source("demo", data_dir).val
+    images = np.stack([preprocess_for_eval(tf.io.read_file(f), SIZE).numpy()
+                       for f in val.files]).astype(np.float32)
+    return data_dir, model_dir, images, np.asarray(val.labels)
+
+
+def _run_batches(runner, images, batch=50):
+    return np.concatenate([runner(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+@pytest.mark.slow
+def test_trained_model_agrees_in_every_runtime_on_the_demo_validation_split(demo_run, tmp_path):
+    import keras
+
+    data_dir, model_dir, images, labels = demo_run
+    model = keras.saving.load_model(os.path.join(model_dir, "best.keras"), compile=False)
+    expected = _run_batches(lambda x: _keras_probabilities(model, x), images)
+    keras_top1 = (expected.argmax(1) == labels).mean()
+    assert keras_top1 > 0.6  # it learned (chance: 0.1)
+    for fmt, name in FLOAT_FORMATS.items():
+        output = str(tmp_path / name)
+        assert export_cmd.run([f"--model_dir={model_dir}", f"--format={fmt}",
+                               f"--output={output}"]) == 0
+        got = _run_batches(formats.load_runner(output), images)
+        assert np.abs(got - expected).max() < 1e-4, fmt
+        assert (got.argmax(1) == labels).mean() == keras_top1, fmt
+
+
+INT8_FORMATS = {"litert_int8": ("int8.tflite", "litert"), "onnx_int8": ("int8.onnx", "onnx")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", sorted(INT8_FORMATS))
+def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt):
+    import keras
+
+    data_dir, model_dir, images, labels = demo_run
+    model = keras.saving.load_model(os.path.join(model_dir, "best.keras"), compile=False)
+    expected = _run_batches(lambda x: _keras_probabilities(model, x), images).argmax(1)
+    name, float_fmt = INT8_FORMATS[fmt]
+    output = str(tmp_path / name)
+    assert export_cmd.run([f"--model_dir={model_dir}", f"--format={fmt}", f"--output={output}",
+                           "--dataset=demo", f"--data_dir={data_dir}",
+                           "--calibration_images=200"]) == 0
+    runner = formats.load_runner(output)
+    assert runner.format == fmt
+    got = _run_batches(runner, images).argmax(1)
+    agreement = (got == expected).mean()
+    drop = (expected == labels).mean() - (got == labels).mean()
+    print(f"{fmt}: top-1 agreement {agreement:.3f}, accuracy drop {100 * drop:.1f} points")
+    assert agreement >= 0.99 and drop <= 0.01
+    float_file = str(tmp_path / ("float" + os.path.splitext(name)[1]))
+    assert export_cmd.run([f"--model_dir={model_dir}", f"--format={float_fmt}",
+                           f"--output={float_file}"]) == 0
+    assert os.path.getsize(output) < 0.35 * os.path.getsize(float_file)  # int8 weights
+    if fmt == "litert_int8":
+        # Full integer: every tensor inside is int8/int32 (weights, activations, biases); only
+        # the float32 input and output (around their quantize/dequantize ops) remain float.
+        details = runner.interpreter.get_tensor_details()
+        float_tensors = [t["name"] for t in details if t["dtype"] == np.float32]
+        assert len(float_tensors) <= 2, float_tensors
