@@ -72,6 +72,32 @@ HELP = {
     "head_lr_multiplier": "The classifier's learning rate is this times the schedule's.",
     "summary": "Print the model summary, parameter counts, MACs and a memory estimate, then exit.",
     "gpu_memory_gib": "Accelerator memory for the largest-batch estimate of --summary.",
+    # Recipe (configs/*.flags): resolution, crop, augmentation, EMA, weight-decay groups.
+    "train_image_size": "Training crop in pixels (0: --image_size); FixRes recipes train smaller.",
+    "eval_image_size": "Evaluation center crop and export size in pixels (0: --image_size).",
+    "eval_resize_size": "Shorter side before the evaluation crop (0: eval crop x 256/224).",
+    "crop_area_range": "RandomResizedCrop area range as fractions of the image: min,max in (0, 1].",
+    "crop_aspect_range": "RandomResizedCrop aspect (width/height) range: min,max (3/4 allowed).",
+    "auto_augment": "Per-image policy after crop and flip: '' (off), ta_wide "
+                    "(TrivialAugmentWide) or randaugment (--ra_num_ops, --ra_magnitude).",
+    "ra_num_ops": "RandAugment: ops per image.",
+    "ra_magnitude": "RandAugment: magnitude bin, 0..30 (of 31).",
+    "random_erase": "Random erasing probability per image (torchvision RandomErasing).",
+    "random_erase_value": "Erased pixels: mean (torchvision's value 0 after normalisation) or "
+                          "random (normal noise).",
+    "mixup_alpha": "Mixup Beta(alpha, alpha) per batch (0: off).",
+    "cutmix_alpha": "CutMix Beta(alpha, alpha) per batch (0: off).",
+    "mix_switch_prob": "With mixup and cutmix on: probability that a batch uses cutmix.",
+    "mix_prob": "Probability that a batch is mixed at all.",
+    "repeated_aug": "Repeated augmentation: each image drawn in an epoch is seen this many times "
+                    "with different augmentations (epoch length unchanged; 1: off).",
+    "ema": "Keep an exponential moving average of the weights (BatchNorm statistics included); "
+           "validation, best.keras and the export use it.",
+    "ema_decay": "EMA decay as torchvision's --model-ema-decay (per step at batch 1, scaled by "
+                 "global batch x --ema_every_steps / epochs).",
+    "ema_every_steps": "Update the EMA every N optimizer steps.",
+    "ema_warmup": "Warm the EMA decay up as min(decay, (1 + n) / (10 + n)) after n updates.",
+    "norm_weight_decay": "SGD weight decay on BatchNorm gamma and beta (as an L2 of half this).",
 }
 
 

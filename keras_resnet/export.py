@@ -25,7 +25,7 @@ import sys
 from absl import flags
 
 from keras_resnet import cli, logs
-from keras_resnet.serving import formats
+from keras_resnet.serving import deploy, formats
 
 
 def define_flags(values):
@@ -43,6 +43,9 @@ def define_flags(values):
                         flag_values=values)
     flags.DEFINE_integer("image_size", None, "Eval crop size (default: the model's input size; "
                          "required when the model input size is dynamic).", flag_values=values)
+    flags.DEFINE_integer("resize_size", None, "Shorter side before the crop (default: the "
+                         "training run's --eval_resize_size from config.json beside the model, "
+                         "else image_size x 256/224).", flag_values=values)
     flags.DEFINE_integer("calibration_images", 200, "int8 formats: training images to calibrate "
                          "the activation ranges on.", flag_values=values)
     flags.DEFINE_string("dataset", "imagenet", "int8 formats: the dataset whose training split "
@@ -84,7 +87,7 @@ def main(flag_values, args):
                              f"{flag_values.calibration_images}.")
     try:
         for module in fmt.converters:  # before the model loads: say at once what to install
-            formats.require(module, fmt.extra)
+            deploy.require(module, fmt.extra)
     except ImportError as e:
         return _fail(str(e))
     logs.import_tensorflow()  # before any TensorFlow import: without its start-up noise
@@ -103,14 +106,18 @@ def main(flag_values, args):
         return _fail(f"model file {path} not found.")
     try:
         model = keras.saving.load_model(path, compile=False)
-        image_size = flag_values.image_size or model.inputs[0].shape[1]
+        trained = _run_eval_sizes(path)
+        image_size = flag_values.image_size or model.inputs[0].shape[1] or trained.get("crop")
+        resize_size = flag_values.resize_size or (
+            trained.get("resize") if image_size == trained.get("crop") else 0) or 0
         if image_size is None:
             return _fail(f"{path} takes images of any size; pass --image_size.")
         class_ids, class_names = export.load_classes_for(path, model.outputs[0].shape[-1],
                                                          flag_values.classes)
         calibration = _calibration(flag_values, image_size) if fmt.calibrated else None
         written = fmt.writer(model, destination, image_size=image_size, class_ids=class_ids,
-                             class_names=class_names, calibration=calibration)
+                             class_names=class_names, calibration=calibration,
+                             resize_size=resize_size)
     except (ValueError, TypeError, OSError, ImportError, DataError) as e:
         return _fail(str(e).splitlines()[0])
     print(written)
@@ -123,6 +130,17 @@ def _calibration(flag_values, image_size):
     return calibration.calibration_images(
         flag_values.dataset, calibration.default_data_dir(flag_values.dataset, flag_values.data_dir),
         image_size=image_size, count=flag_values.calibration_images)
+
+
+def _run_eval_sizes(model_path):
+    """{"crop", "resize"} of the training run's evaluation (config.json beside the model), or {}."""
+    from keras_resnet.files import read_json
+
+    config = read_json(os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json"))
+    if not config:
+        return {}
+    crop = config.get("eval_image_size") or config.get("image_size")
+    return {"crop": crop, "resize": config.get("eval_resize_size") or 0}
 
 
 def _fail(message):

@@ -17,6 +17,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from pipelines import augment as augment_lib
 from pipelines import preprocessing
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -24,7 +25,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 # its workers dynamically; each chunk recomputes the epoch's permutation (17 ms for 1.28M files).
 CHUNKS_PER_EPOCH = 64
 # Stream salts so the order and the augmentation of an epoch use independent random numbers.
-_ORDER_SALT, _AUGMENT_SALT = 0, 1
+_ORDER_SALT, _AUGMENT_SALT, _MIX_SALT = 0, 1, 2
 # cache= on a file split holds every encoded file in memory; beyond this, use TFRecords instead.
 CACHE_MAX_BYTES = 1 << 30
 # Shuffle buffer for splits given as records (TFDS), which have no file list to permute.
@@ -94,15 +95,21 @@ def _cached_bytes(files: np.ndarray, cache: str) -> tf.Tensor:
     return ds.batch(len(files) + 1).get_single_element()
 
 
-def _example_seed(seed, epoch, position) -> tf.Tensor:
-    base = tf.constant([seed, _AUGMENT_SALT], tf.int64)
+def _example_seed(seed, epoch, position, salt=_AUGMENT_SALT) -> tf.Tensor:
+    base = tf.constant([seed, salt], tf.int64)
     return tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(base, epoch), position)
 
 
 def _file_positions(num_examples, examples_per_epoch, seed, start_epoch, num_epochs, skip,
-                    pipeline_id, num_pipelines):
-    """Dataset of (epoch, position in epoch, file index) int64 triples, in training order."""
+                    pipeline_id, num_pipelines, repeats=1):
+    """Dataset of (epoch, position in epoch, file index) int64 triples, in training order.
+
+    repeats=R (repeated augmentation, torchvision's RASampler): position p reads the file at
+    permutation index p // R, so each file drawn in an epoch comes R times in a row, at R
+    consecutive positions that go to different input pipelines (p % num_pipelines) and get
+    different augmentation seeds; the epoch length is unchanged (it covers 1/R of the files).
+    """
     chunk = max(1, math.ceil(examples_per_epoch / CHUNKS_PER_EPOCH))
     chunks = math.ceil(examples_per_epoch / chunk)
 
@@ -118,7 +125,7 @@ def _file_positions(num_examples, examples_per_epoch, seed, start_epoch, num_epo
         perm = tf.random.experimental.stateless_shuffle(
             tf.range(num_examples, dtype=tf.int64), seed=order_seed)
         return tf.data.Dataset.from_tensor_slices(
-            (tf.fill(tf.shape(pos), epoch), pos, tf.gather(perm, pos)))
+            (tf.fill(tf.shape(pos), epoch), pos, tf.gather(perm, pos // repeats)))
 
     # A range source lets a tf.data service split the work by chunk (dynamic sharding).
     return tf.data.Dataset.range(skip // chunk, num_epochs * chunks).flat_map(chunk_positions)
@@ -143,7 +150,11 @@ def _record_positions(records, examples_per_epoch, seed, start_epoch, num_epochs
 def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed: int,
                         start_epoch: int = 0, num_epochs: int = 1, skip_steps: int = 0,
                         input_context=None, deterministic: bool = False, cache=None,
-                        data_service=None, max_steps_per_epoch=None) -> tf.data.Dataset:
+                        data_service=None, max_steps_per_epoch=None,
+                        crop_area_range=preprocessing.CROP_AREA_RANGE,
+                        crop_aspect_range=preprocessing.CROP_ASPECT_RANGE,
+                        augment=None, mix=None, num_classes=None,
+                        repeated_aug: int = 1) -> tf.data.Dataset:
     """Augmented training batches for epochs [start_epoch, start_epoch + num_epochs).
 
     Each epoch has exactly steps_per_epoch(num_examples, global_batch_size) global batches, none
@@ -165,6 +176,12 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     shift by one example per bad file).
     max_steps_per_epoch: shorter epochs (each still a fresh permutation of the whole split), so a
     capped run's epochs and data epochs stay aligned.
+    crop_area_range, crop_aspect_range: RandomResizedCrop's scale and ratio.
+    augment: an augment.ImageAugment (TrivialAugmentWide / RandAugment, random erasing) applied
+    after crop and flip, seeded per example like the crop.
+    mix: an augment.BatchMix; each pipeline's batch is mixed with a seed drawn from (seed, epoch,
+    position of its first example), and labels become float32 [B, num_classes] soft labels.
+    repeated_aug: R >= 1, each file drawn in an epoch is seen R times (RASampler); files only.
     """
     steps = steps_per_epoch(split.num_examples, global_batch_size)
     if max_steps_per_epoch:
@@ -191,6 +208,26 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     skip = skip_steps * global_batch_size
     total = (num_epochs * examples_per_epoch - skip) // num_pipelines
 
+    if repeated_aug > 1 and not _has_files(split):
+        raise ValueError("repeated_aug needs a file split (records splits have no permutation)")
+    augment = augment if augment is not None and augment.active else None
+    mix = mix if mix is not None and mix.active else None
+    if mix is not None and not num_classes:
+        raise ValueError("mix needs num_classes (the width of the soft labels)")
+    crop = dict(area_range=tuple(crop_area_range), aspect_range=tuple(crop_aspect_range))
+
+    def train_image(raw, epoch, pos):
+        example_seed = _example_seed(seed, epoch, pos)
+        image = preprocessing.preprocess_for_train(raw, image_size, example_seed, **crop)
+        if augment is not None:  # an independent stream: the crop's draws stay as without it
+            image = augment_lib.augment_image(
+                image, tf.random.experimental.stateless_fold_in(example_seed, 1), augment)
+        return image
+
+    def mix_batch(images, labels, epochs, positions):
+        batch_seed = _example_seed(seed, epochs[0], positions[0], _MIX_SALT)
+        return augment_lib.mix_batch(images, labels, batch_seed, mix, num_classes)
+
     has_files, image_bytes = _has_files(split), None
     if has_files:
         files = tf.constant(np.asarray(split.files, dtype=str))
@@ -201,21 +238,20 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     elif data_service:
         raise ValueError("data_service needs a file split; records splits are read locally")
 
+    def keep(image, label, epoch, pos):  # mixing needs each batch's position for its seed
+        return (image, label, epoch, pos) if mix is not None else (image, label)
+
     def load(epoch, pos, idx):
         raw = tf.io.read_file(files[idx]) if image_bytes is None else image_bytes[idx]
-        image = preprocessing.preprocess_for_train(
-            raw, image_size, _example_seed(seed, epoch, pos))
-        return image, labels[idx]
+        return keep(train_image(raw, epoch, pos), labels[idx], epoch, pos)
 
     def load_record(epoch, pos, raw, label):
-        image = preprocessing.preprocess_for_train(
-            raw, image_size, _example_seed(seed, epoch, pos))
-        return image, tf.cast(label, tf.int64)
+        return keep(train_image(raw, epoch, pos), tf.cast(label, tf.int64), epoch, pos)
 
     def examples(first_epoch, epochs, skip_positions, job_suffix):
         if has_files:
             ds = _file_positions(split.num_examples, examples_per_epoch, seed, first_epoch,
-                                 epochs, skip_positions, pipeline_id, num_pipelines)
+                                 epochs, skip_positions, pipeline_id, num_pipelines, repeated_aug)
             ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
         else:
             ds = _record_positions(split.records, examples_per_epoch, seed, first_epoch, epochs,
@@ -235,7 +271,10 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     ds = examples(start_epoch, num_epochs, skip, "")
     # Spare examples (read only if some were dropped) keep the count exact.
     ds = ds.concatenate(examples(start_epoch + num_epochs, 1, 0, "_spare")).take(total)
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if mix is not None:
+        ds = ds.map(mix_batch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    ds = ds.prefetch(AUTOTUNE)
     return ds.with_options(_options(deterministic, sharded=input_context is not None))
 
 
@@ -245,7 +284,7 @@ def eval_steps(num_examples: int, global_batch_size: int) -> int:
 
 
 def build_eval_dataset(split, *, global_batch_size: int, image_size: int, input_context=None,
-                       cache=None) -> tf.data.Dataset:
+                       cache=None, resize_size: int = 0) -> tf.data.Dataset:
     """Resized, center-cropped batches in file order; the last partial batch is kept.
 
     With input_context, pipeline i evaluates examples i, i + n, i + 2n, ... (n pipelines).
@@ -255,6 +294,7 @@ def build_eval_dataset(split, *, global_batch_size: int, image_size: int, input_
     same number of steps; weighted metrics stay exact.
     cache: None, "memory" or a file path; caches the preprocessed uint8 images, so later
     evaluations skip decoding. An unreadable file is logged and left out.
+    resize_size: shorter side before the center crop (0: image_size * 256/224).
     """
     pipeline_id, num_pipelines, batch_size = _pipeline_layout(global_batch_size, input_context)
     if _has_files(split):
@@ -265,7 +305,8 @@ def build_eval_dataset(split, *, global_batch_size: int, image_size: int, input_
         ds = split.records().shard(num_pipelines, pipeline_id)
     else:
         raise ValueError("split has neither files nor records")
-    ds = ds.map(lambda raw, y: (preprocessing.preprocess_for_eval(raw, image_size),
+    ds = ds.map(lambda raw, y: (preprocessing.preprocess_for_eval(raw, image_size,
+                                                                  resize_size=resize_size),
                                 tf.cast(y, tf.int64)), num_parallel_calls=AUTOTUNE)
     ds = ds.ignore_errors(log_warning=True)
     if cache:

@@ -59,21 +59,22 @@ def decode_image(image_bytes, recover_truncated: bool = True) -> tf.Tensor:
     return image
 
 
-def sample_crop_window(image_shape, seed) -> tf.Tensor:
+def sample_crop_window(image_shape, seed, area_range=CROP_AREA_RANGE,
+                       aspect_range=CROP_ASPECT_RANGE) -> tf.Tensor:
     """torchvision RandomResizedCrop's window for an image of `image_shape` ([H, W, ...]).
 
     Tries CROP_ATTEMPTS (area, log-uniform aspect) pairs and keeps the first that fits, else a
-    center crop clamped to CROP_ASPECT_RANGE. `seed` is a stateless [2] seed. Returns int32
-    [top, left, height, width] in pixels.
+    center crop clamped to aspect_range. area_range: fractions of the image area; aspect_range:
+    width / height. `seed` is a stateless [2] seed. Returns int32 [top, left, height, width].
     """
     height = tf.cast(image_shape[0], tf.float32)
     width = tf.cast(image_shape[1], tf.float32)
     area_seed, aspect_seed, top_seed, left_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 4))
     area = height * width * tf.random.stateless_uniform(
-        [CROP_ATTEMPTS], area_seed, *CROP_AREA_RANGE)
+        [CROP_ATTEMPTS], area_seed, *area_range)
     aspect = tf.exp(tf.random.stateless_uniform(
-        [CROP_ATTEMPTS], aspect_seed, *(math.log(r) for r in CROP_ASPECT_RANGE)))
+        [CROP_ATTEMPTS], aspect_seed, *(math.log(r) for r in aspect_range)))
     crop_w = tf.round(tf.sqrt(area * aspect))
     crop_h = tf.round(tf.sqrt(area / aspect))
     fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= width) & (crop_h <= height)
@@ -81,7 +82,7 @@ def sample_crop_window(image_shape, seed) -> tf.Tensor:
 
     # Fallback: the largest center crop whose aspect lies in CROP_ASPECT_RANGE.
     ratio = width / height
-    lo, hi = CROP_ASPECT_RANGE
+    lo, hi = aspect_range
     fallback_w = tf.where(ratio < lo, width, tf.where(ratio > hi, tf.round(height * hi), width))
     fallback_h = tf.where(ratio < lo, tf.round(width / lo), height)
     found = tf.reduce_any(fits)
@@ -103,18 +104,20 @@ def _resize_uint8(image, size, antialias: bool) -> tf.Tensor:
     return tf.cast(image + 0.5, tf.uint8)
 
 
-def _decode_and_random_crop(image_bytes, seed) -> tf.Tensor:
+def _decode_and_random_crop(image_bytes, seed, area_range=CROP_AREA_RANGE,
+                            aspect_range=CROP_ASPECT_RANGE) -> tf.Tensor:
     """Decodes only the random crop of a JPEG (fused, faster); other formats decode fully."""
+    window_of = lambda shape: sample_crop_window(shape, seed, area_range, aspect_range)  # noqa
 
     def jpeg():
-        window = sample_crop_window(tf.image.extract_jpeg_shape(image_bytes), seed)
+        window = window_of(tf.image.extract_jpeg_shape(image_bytes))
         return tf.image.decode_and_crop_jpeg(
             image_bytes, window, channels=3, try_recover_truncated=True,
             acceptable_fraction=TRUNCATED_MIN_FRACTION)
 
     def other():  # PNG (also when named .JPEG) never reaches decode_and_crop_jpeg, which rejects it
         image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-        top, left, h, w = tf.unstack(sample_crop_window(tf.shape(image), seed))
+        top, left, h, w = tf.unstack(window_of(tf.shape(image)))
         return image[top:top + h, left:left + w]
 
     image = tf.cond(is_jpeg(image_bytes), jpeg, other)
@@ -122,15 +125,17 @@ def _decode_and_random_crop(image_bytes, seed) -> tf.Tensor:
     return image
 
 
-def preprocess_for_train(image_bytes, image_size: int, seed) -> tf.Tensor:
+def preprocess_for_train(image_bytes, image_size: int, seed, area_range=CROP_AREA_RANGE,
+                         aspect_range=CROP_ASPECT_RANGE) -> tf.Tensor:
     """RandomResizedCrop + random horizontal flip of encoded image bytes -> uint8 [S, S, 3].
 
     `seed` is a stateless int32/int64 [2] seed: the same seed gives the same crop and flip.
+    area_range / aspect_range: RandomResizedCrop's scale and ratio.
     """
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
     seed = tf.convert_to_tensor(seed)
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = _decode_and_random_crop(image_bytes, crop_seed)
+    image = _decode_and_random_crop(image_bytes, crop_seed, tuple(area_range), tuple(aspect_range))
     image = _resize_uint8(image, [image_size, image_size], TRAIN_ANTIALIAS)
     # Flip after the resize: the 224x224 uint8 image is smaller than the crop on average.
     flip = tf.random.stateless_uniform([], flip_seed) < 0.5
@@ -144,20 +149,24 @@ def eval_resize_size(image_size: int) -> int:
     return int(round(image_size * EVAL_RESIZE_RATIO))
 
 
-def preprocess_for_eval(image_bytes, image_size: int, recover_truncated: bool = True) -> tf.Tensor:
-    """Decode, resize the shorter side to image_size * 256/224, center crop -> uint8 [S, S, 3]."""
-    return center_crop_for_eval(decode_image(image_bytes, recover_truncated), image_size)
+def preprocess_for_eval(image_bytes, image_size: int, recover_truncated: bool = True,
+                        resize_size: int = 0) -> tf.Tensor:
+    """Decode, resize the shorter side to resize_size (0: image_size * 256/224), center crop ->
+    uint8 [S, S, 3]."""
+    return center_crop_for_eval(decode_image(image_bytes, recover_truncated), image_size,
+                                resize_size)
 
 
-def center_crop_for_eval(image, image_size: int) -> tf.Tensor:
+def center_crop_for_eval(image, image_size: int, resize_size: int = 0) -> tf.Tensor:
     """The eval resize + center crop of a decoded uint8 RGB image [H, W, 3] -> uint8 [S, S, 3].
 
     Same arithmetic as torchvision's Resize(int) + CenterCrop (long side truncated, crop offset
-    rounded).
+    rounded). resize_size: the shorter side before the crop (0: image_size * 256/224; FixRes
+    recipes give it, e.g. 232 for a 224 crop).
     """
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
-    short = eval_resize_size(image_size)
+    short = resize_size or eval_resize_size(image_size)
     # int(short * long / min(h, w)), computed exactly in integers.
     new_h = tf.where(h <= w, short, short * h // w)
     new_w = tf.where(h <= w, short * w // h, short)

@@ -11,7 +11,7 @@ import pytest
 
 from keras_resnet import export as export_cmd
 from keras_resnet import predict as predict_cmd
-from keras_resnet.serving import formats
+from keras_resnet.serving import deploy, formats
 
 SIZE = 64
 CLASSES = 10
@@ -89,7 +89,7 @@ def test_float_formats_match_keras_in_their_own_runtime(sharp, tmp_path, fmt):
     # Non-integral pixels (a client resizing in float) are not truncated to uint8 on the way in,
     # as the training model's uint8 input does: the file matches the float32 Keras copy.
     half = images[:2] + 0.5
-    float_keras = formats.deploy_model(model, SIZE)(half, training=False).numpy()
+    float_keras = deploy.deploy_model(model, SIZE)(half, training=False).numpy()
     assert np.abs(runner(half) - float_keras).max() < 1e-4
     # Loading and running the file imported no TensorFlow module it had not already imported.
     assert {n for n in sys.modules if n.split(".")[0] == "tensorflow"} == tf_modules
@@ -194,7 +194,7 @@ def test_bad_input_gets_one_line_errors(sharp, tmp_path, capsys, monkeypatch):
     assert _export(model_path, "onnx", output) == 0
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails
     monkeypatch.setitem(sys.modules, "tf2onnx", None)
-    with pytest.raises(formats.MissingExtra, match=r"pip install 'keras_resnet\[onnx\]'"):
+    with pytest.raises(deploy.MissingExtra, match=r"pip install 'keras_resnet\[onnx\]'"):
         formats.load_runner(output)
     status, err = error([f"--model={output}", model_path], predict_cmd)
     assert status == 1 and "onnxruntime is not installed; pip install 'keras_resnet[onnx]'" in err
@@ -205,7 +205,7 @@ def test_bad_input_gets_one_line_errors(sharp, tmp_path, capsys, monkeypatch):
         for loaded in [m for m in sys.modules if m.split(".")[0] == module] or [module]:
             monkeypatch.setitem(sys.modules, loaded, None)
         (tmp_path / name).write_bytes(b"")
-        with pytest.raises(formats.MissingExtra, match=rf"pip install 'keras_resnet\[{extra}\]'"):
+        with pytest.raises(deploy.MissingExtra, match=rf"pip install 'keras_resnet\[{extra}\]'"):
             formats.load_runner(str(tmp_path / name))
 
 

@@ -12,7 +12,8 @@ Signatures (both return the same outputs):
                                                    preprocessed exactly as the eval pipeline does.
   serve_images(images: uint8 [N, H, W, 3])        decoded RGB images of any size, given the same
                                                    eval preprocessing (resize the shorter side to
-                                                   image_size * 256/224, center crop).
+                                                   resize_size, default image_size * 256/224,
+                                                   center crop).
 Outputs: probabilities float32 [N, C]; the top 5 as classes int64, scores float32, labels string
 (wnid / folder name) and names string (human-readable name, or the label when unknown).
 Class ids and names are constants inside the graph (and the `class_ids` / `class_names` variable
@@ -124,7 +125,7 @@ def _has_end_marker(data):
                    default=lambda: tf.constant(True))
 
 
-def _build_archive(model, image_size, class_ids, class_names):
+def _build_archive(model, image_size, class_ids, class_names, resize_size=0):
     image_spec = tf.TensorSpec([image_size, image_size, 3], tf.uint8)
     probabilities = probabilities_fn(model)
     ids = tf.constant(class_ids)
@@ -159,7 +160,8 @@ def _build_archive(model, image_size, class_ids, class_names):
             # Strict: a truncated JPEG that still holds an end marker (an embedded thumbnail's)
             # fails in the decoder instead of being scored with its missing rows grey.
             return preprocessing.preprocess_for_eval(tf.identity(data), image_size,
-                                                     recover_truncated=False)
+                                                     recover_truncated=False,
+                                                     resize_size=resize_size)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serving_default(image_bytes):
@@ -170,7 +172,8 @@ def _build_archive(model, image_size, class_ids, class_names):
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     def serve_images(images):
-        images = tf.map_fn(lambda image: preprocessing.center_crop_for_eval(image, image_size),
+        images = tf.map_fn(lambda image: preprocessing.center_crop_for_eval(image, image_size,
+                                                                            resize_size),
                            images,
                            fn_output_signature=image_spec)
         return outputs(images)
@@ -183,10 +186,13 @@ def _build_archive(model, image_size, class_ids, class_names):
     archive.add_variable_collection("class_ids", [tf.Variable(class_ids, trainable=False)])
     archive.add_variable_collection("class_names", [tf.Variable(class_names, trainable=False)])
     archive.add_variable_collection("image_size", [tf.Variable(image_size, trainable=False)])
+    archive.add_variable_collection("resize_size", [tf.Variable(
+        resize_size or preprocessing.eval_resize_size(image_size), trainable=False)])
     return archive
 
 
-def export_saved_model(model, export_dir, *, image_size, class_ids, class_names=None):
+def export_saved_model(model, export_dir, *, image_size, class_ids, class_names=None,
+                       resize_size=0):
     """Writes `model` as SavedModel `<export_dir>/<max version + 1>/`; returns that path.
 
     Args:
@@ -194,6 +200,8 @@ def export_saved_model(model, export_dir, *, image_size, class_ids, class_names=
         `probabilities` (softmax) or `logits`; its input may be fixed at image_size or dynamic.
       export_dir: base directory holding integer version directories (created if missing).
       image_size: the eval crop size in pixels (as in `preprocess_for_eval`).
+      resize_size: the shorter side before the crop (0: image_size * 256/224; FixRes recipes
+        train smaller and evaluate at e.g. resize 232, crop 224).
       class_ids: class i's wnid / folder name; class_names: human-readable names (or None).
     """
     class_ids, class_names = _check_classes(class_ids, class_names)
@@ -207,7 +215,8 @@ def export_saved_model(model, export_dir, *, image_size, class_ids, class_names=
 
     tmp = files.temp_name(os.path.join(export_dir, "export"))  # write_out creates it
     try:
-        _build_archive(model, image_size, class_ids, class_names).write_out(tmp, verbose=False)
+        _build_archive(model, image_size, class_ids, class_names,
+                       resize_size).write_out(tmp, verbose=False)
         # The version is chosen when the export is complete, so versions keep completion order.
         # rename() fails on an existing non-empty directory: then another export took that
         # version in the meantime, and we take the next one.

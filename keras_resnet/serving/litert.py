@@ -1,14 +1,14 @@
 """LiteRT (TFLite) export, float32 or full-integer int8, and inference in the LiteRT runtime.
 
 Both files take `images` float32 [N, S, S, 3] and return `probabilities` float32 [N, C] (the
-contract in serving/formats.py), through the signature `serving_default`. The int8 file is
+contract in serving/deploy.py), through the signature `serving_default`. The int8 file is
 quantized after training from calibration images of the training split: weights int8 per channel,
 activations int8 per tensor, every op an int8 kernel (`TFLITE_BUILTINS_INT8` only, so conversion
 fails rather than leave an op in float); a quantize op after the input and a dequantize op before
 the output keep the float32 contract, so clients need no scale or zero point.
 
 Converted by TensorFlow's own converter (`tf.lite.TFLiteConverter`, from a SavedModel as Keras's
-`model.export(format="litert")` does, but of `formats.deploy_model`); run by `ai-edge-litert`,
+`model.export(format="litert")` does, but of `deploy.deploy_model`); run by `ai-edge-litert`,
 LiteRT's standalone runtime, which needs no TensorFlow.
 """
 
@@ -20,7 +20,7 @@ import tempfile
 import numpy
 
 from keras_resnet import files
-from keras_resnet.serving import formats
+from keras_resnet.serving import deploy
 
 SIGNATURE = "serving_default"
 
@@ -31,7 +31,7 @@ def to_tflite(model, *, image_size, calibration=None):
     import keras
     import tensorflow as tf
 
-    serve = formats.serving_function(model, image_size)
+    serve = deploy.serving_function(model, image_size)
     with tempfile.TemporaryDirectory() as saved_model:
         archive = keras.export.ExportArchive()
         archive.track(serve.deployed)
@@ -46,16 +46,15 @@ def to_tflite(model, *, image_size, calibration=None):
 
 
 def write_litert(model, output, *, image_size, class_ids, class_names, calibration=None,
-                 quantize=False):
+                 resize_size=0, quantize=False):
     """Writes `output` (.tflite) and `<output>.json` atomically; returns `output`."""
     fmt = "litert_int8" if quantize else "litert"
-    formats.check_output(output, fmt)
     if quantize and calibration is None:
         raise ValueError("litert_int8 needs calibration images from the training split "
                          "(--dataset, --data_dir and --calibration_images).")
     data = to_tflite(model, image_size=image_size, calibration=calibration if quantize else None)
-    formats.write_sidecar(output, fmt=fmt, image_size=image_size, class_ids=class_ids,
-                          class_names=class_names)
+    deploy.write_sidecar(output, fmt=fmt, image_size=image_size, class_ids=class_ids,
+                          class_names=class_names, resize_size=resize_size)
     return files.write_bytes_atomic(output, data)
 
 
@@ -65,14 +64,14 @@ class LiteRTRunner:
     format = "litert"
 
     def __init__(self, path, threads=0):
-        interpreter = formats.require("ai_edge_litert.interpreter", "litert")
+        interpreter = deploy.require("ai_edge_litert.interpreter", "litert")
         self.interpreter = interpreter.Interpreter(model_path=path,
                                                    num_threads=threads or os.cpu_count())
         (self.input,) = self.interpreter.get_input_details()
         (self.output,) = self.interpreter.get_output_details()
         self.image_size = int(self.input["shape_signature"][1])
         self._batch = None
-        side = formats.read_sidecar(path) or {}
+        side = deploy.read_sidecar(path) or {}
         self.class_ids = side.get("class_ids")
         self.class_names = side.get("class_names", self.class_ids)
         if any(t["dtype"] == numpy.int8 for t in self.interpreter.get_tensor_details()):

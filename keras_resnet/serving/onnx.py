@@ -1,7 +1,7 @@
 """ONNX export (tf2onnx) and inference in ONNX Runtime.
 
 The file takes `images` float32 [N, S, S, 3] and returns `probabilities` float32 [N, C] (the
-contract in serving/formats.py). Its metadata_props carry `class_ids` and `class_names` (JSON
+contract in serving/deploy.py). Its metadata_props carry `class_ids` and `class_names` (JSON
 lists), `image_size` and `preprocessing`, so the file alone is enough to label predictions; the
 same travel in `<FILE>.json`.
 
@@ -21,7 +21,7 @@ import os
 import tempfile
 
 from keras_resnet import files
-from keras_resnet.serving import formats
+from keras_resnet.serving import deploy
 
 OPSET = 17  # ONNX Runtime >= 1.14, OpenVINO, onnx.js and TensorRT 8.5+ read it
 BATCH_DIM = "batch"
@@ -29,24 +29,24 @@ BATCH_DIM = "batch"
 
 def to_onnx(model, *, image_size, class_ids, class_names, fmt="onnx"):
     """The ONNX ModelProto of `model` (a Keras ResNet with include_preprocessing=True)."""
-    tf2onnx = formats.require("tf2onnx", "onnx")
+    tf2onnx = deploy.require("tf2onnx", "onnx")
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
 
     frozen = convert_variables_to_constants_v2(
-        formats.serving_function(model, image_size).get_concrete_function())
+        deploy.serving_function(model, image_size).get_concrete_function())
     (input_name,) = [t.name for t in frozen.inputs]
     (output_name,) = [t.name for t in frozen.outputs]
     proto, _ = tf2onnx.convert.from_graph_def(
         frozen.graph.as_graph_def(), input_names=[input_name], output_names=[output_name],
-        opset=OPSET, tensors_to_rename={input_name: formats.INPUT_NAME,
-                                        output_name: formats.OUTPUT_NAME})
+        opset=OPSET, tensors_to_rename={input_name: deploy.INPUT_NAME,
+                                        output_name: deploy.OUTPUT_NAME})
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM  # not tf2onnx's "unk__123"
     metadata = {"class_ids": json.dumps(list(class_ids), ensure_ascii=False),
                 "class_names": json.dumps(list(class_names), ensure_ascii=False),
-                "image_size": str(image_size), "preprocessing": formats.CONTRACT, "format": fmt}
+                "image_size": str(image_size), "preprocessing": deploy.CONTRACT, "format": fmt}
     for key, value in metadata.items():
         prop = proto.metadata_props.add()
         prop.key, prop.value = key, value
@@ -56,8 +56,8 @@ def to_onnx(model, *, image_size, class_ids, class_names, fmt="onnx"):
 
 def quantize(proto, calibration):
     """`proto` quantized to int8 (QDQ) by ONNX Runtime from `calibration()`'s images."""
-    onnx = formats.require("onnx", "onnx")
-    quantization = formats.require("onnxruntime.quantization", "onnx")
+    onnx = deploy.require("onnx", "onnx")
+    quantization = deploy.require("onnxruntime.quantization", "onnx")
 
     class Reader(quantization.CalibrationDataReader):
         def __init__(self):
@@ -65,7 +65,7 @@ def quantize(proto, calibration):
 
         def get_next(self):
             image = next(self.images, None)
-            return None if image is None else {formats.INPUT_NAME: image}
+            return None if image is None else {deploy.INPUT_NAME: image}
 
     with tempfile.TemporaryDirectory() as tmp:
         float_path, prepared, quantized = (os.path.join(tmp, n) for n in ("f.onnx", "p.onnx",
@@ -86,11 +86,10 @@ def quantize(proto, calibration):
 
 
 def write_onnx(model, output, *, image_size, class_ids, class_names, calibration=None,
-               quantized=False):
+               resize_size=0, quantized=False):
     """Writes `output` (.onnx) and its `<output>.json` atomically; returns `output`.
     `quantized`: int8 from `calibration` (a callable yielding float32 [1, S, S, 3] images)."""
     fmt = "onnx_int8" if quantized else "onnx"
-    formats.check_output(output, fmt)
     if quantized and calibration is None:
         raise ValueError("onnx_int8 needs calibration images from the training split "
                          "(--dataset, --data_dir and --calibration_images).")
@@ -98,8 +97,8 @@ def write_onnx(model, output, *, image_size, class_ids, class_names, calibration
                     fmt=fmt)
     if quantized:
         proto = quantize(proto, calibration)
-    formats.write_sidecar(output, fmt=fmt, image_size=image_size, class_ids=class_ids,
-                          class_names=class_names)
+    deploy.write_sidecar(output, fmt=fmt, image_size=image_size, class_ids=class_ids,
+                          class_names=class_names, resize_size=resize_size)
     return files.write_bytes_atomic(output, proto.SerializeToString())
 
 
@@ -109,7 +108,7 @@ class OnnxRunner:
     format = "onnx"
 
     def __init__(self, path, threads=0):
-        ort = formats.require("onnxruntime", "onnx")
+        ort = deploy.require("onnxruntime", "onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: one per core
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -118,7 +117,7 @@ class OnnxRunner:
         self.image_size = model_input.shape[1]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.format = meta.get("format", "onnx")
-        side = formats.read_sidecar(path) or {}
+        side = deploy.read_sidecar(path) or {}
         self.class_ids = json.loads(meta["class_ids"]) if "class_ids" in meta \
             else side.get("class_ids")
         self.class_names = json.loads(meta["class_names"]) if "class_names" in meta \

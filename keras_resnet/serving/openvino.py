@@ -1,8 +1,8 @@
 """OpenVINO IR export (`model.xml` + `model.bin`) and inference in the OpenVINO runtime.
 
 Takes `images` float32 [N, S, S, 3] and returns `probabilities` float32 [N, C] (the contract in
-serving/formats.py). Converted by OpenVINO's TensorFlow frontend from the traced function of
-`formats.deploy_model` (Keras's `model.export(format="openvino")` imports Keras's OpenVINO backend,
+serving/deploy.py). Converted by OpenVINO's TensorFlow frontend from the traced function of
+`deploy.deploy_model` (Keras's `model.export(format="openvino")` imports Keras's OpenVINO backend,
 which needs scipy, and converts the uint8-input training model). Weights stay float32
 (`compress_to_fp16=False`), and the runner asks the CPU plugin for float32 inference: by default it
 computes in bfloat16 on CPUs that have it, which moves probabilities by ~1e-3.
@@ -14,21 +14,21 @@ import os
 import shutil
 
 from keras_resnet import files
-from keras_resnet.serving import formats
+from keras_resnet.serving import deploy
 
 
-def write_openvino(model, output, *, image_size, class_ids, class_names, calibration=None):
+def write_openvino(model, output, *, image_size, class_ids, class_names, calibration=None,
+                   resize_size=0):
     """Writes `output` (.xml), the weights beside it (.bin) and `<output>.json`; returns `output`.
 
     Both files are written in a temporary directory and renamed into place, the weights first, so
     a client that finds the new .xml finds its weights too.
     """
-    formats.check_output(output, "openvino")
-    ov = formats.require("openvino", "openvino")
+    ov = deploy.require("openvino", "openvino")
     ov_model = ov.convert_model(
-        formats.serving_function(model, image_size).get_concrete_function())
-    formats.write_sidecar(output, fmt="openvino", image_size=image_size, class_ids=class_ids,
-                          class_names=class_names)
+        deploy.serving_function(model, image_size).get_concrete_function())
+    deploy.write_sidecar(output, fmt="openvino", image_size=image_size, class_ids=class_ids,
+                          class_names=class_names, resize_size=resize_size)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     files.remove_stale_temps(parent)
@@ -53,14 +53,14 @@ class OpenVINORunner:
     format = "openvino"
 
     def __init__(self, path, threads=0):
-        ov = formats.require("openvino", "openvino")
+        ov = deploy.require("openvino", "openvino")
         config = {"INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(path, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.image_size = self.compiled.inputs[0].get_partial_shape()[1].get_length()
-        side = formats.read_sidecar(path) or {}
+        side = deploy.read_sidecar(path) or {}
         self.class_ids = side.get("class_ids")
         self.class_names = side.get("class_names", self.class_ids)
 

@@ -18,15 +18,15 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet.serving import export
-from keras_resnet.serving import formats as deploy
+from keras_resnet.serving import formats as deploy_formats
 from pipelines import formats
 from pipelines.preprocessing import preprocess_for_eval
 
 
 def load_predictor(path, image_size=None):
     """Returns `predict(image_bytes) -> (scores, labels, names)`, the top 5 for one image."""
-    if deploy.is_deploy_file(path):
-        return _file_predictor(deploy.load_runner(path))
+    if deploy_formats.is_deploy_file(path):
+        return _file_predictor(deploy_formats.load_runner(path))
     saved_model = export.latest_version_dir(path) if os.path.isdir(path) else None
     if saved_model:
         serve = tf.saved_model.load(saved_model).signatures["serving_default"]

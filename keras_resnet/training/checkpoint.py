@@ -14,6 +14,7 @@ epoch counter, and its weight files are written in place (see shared PITFALLS). 
 """
 
 import atexit
+import contextlib
 import math
 import os
 import shutil
@@ -78,12 +79,14 @@ def check_run_identity(model_dir, identity):
 class TrainingCheckpoint:
     """Model + optimizer + data position, saved with `tf.train.CheckpointManager`."""
 
-    def __init__(self, model, optimizer, directory, keep=3, write=True):
+    def __init__(self, model, optimizer, directory, keep=3, write=True, extra=None):
+        """extra: more trackables saved with the model (e.g. the EMA's averages)."""
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
         self.optimizer = optimizer
         self.checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch)
+            model=model, optimizer=optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+            **(extra or {}))
         # Non-chief workers of a multi-worker run must still take part in the save (its ops may
         # be collective) but write to a private temporary directory, removed at exit (one
         # checkpoint kept). They restore from the chief's directory, so every worker resumes
@@ -167,10 +170,14 @@ class CheckpointCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, ckpt, steps_per_epoch, every_steps, every_secs, model_dir, stop,
-                 write=True, monitor="val_top1", agree=None, step_offset=0):
+                 write=True, monitor="val_top1", agree=None, step_offset=0,
+                 best_weights=None):
         """`agree(flag) -> bool`: True if any worker's flag is set (a collective; multi-worker
         runs pass one so that all workers stop, and save, at the same step). `step_offset`:
-        steps of the first epoch done before this `fit` call (the rest of a resumed epoch)."""
+        steps of the first epoch done before this `fit` call (the rest of a resumed epoch).
+        `best_weights()`: a context manager under which the model holds the weights to save as
+        the best model (the EMA's); None: the model's own."""
+        self.best_weights = best_weights
         super().__init__()
         self.agree = agree
         self.ckpt = ckpt
@@ -234,7 +241,8 @@ class CheckpointCallback(keras.callbacks.Callback):
     def _save_best(self, epoch, logs):
         if not self.write:
             return
-        target = save_keras_atomic(self.model, os.path.join(self.model_dir, BEST_MODEL))
+        with (self.best_weights() if self.best_weights else contextlib.nullcontext()):
+            target = save_keras_atomic(self.model, os.path.join(self.model_dir, BEST_MODEL))
         record = {k: float(v) for k, v in logs.items() if np.isscalar(v)}
         record.update(epoch=epoch + 1, path=target)
         write_json_atomic(os.path.join(self.model_dir, BEST_JSON), record)

@@ -17,7 +17,18 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("cosine", "step")
 FREEZE_GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "head")  # network order
+AUTO_AUGMENTS = ("", "ta_wide", "randaugment")  # as pipelines.augment.AUTO_AUGMENTS
+ERASE_VALUES = ("mean", "random")
+EVAL_RESIZE_RATIO = 256 / 224  # as pipelines.preprocessing (no TensorFlow import here)
 REFERENCE_BATCH = 256  # the learning rate is given per 256 images (linear scaling rule)
+
+
+def _number(text):
+    """A float from a flag list item: '0.08', '3/4' or a number."""
+    if isinstance(text, str) and "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
 
 
 @dataclasses.dataclass
@@ -74,6 +85,27 @@ class Config:
     # Inspection (--summary).
     summary: bool = False
     gpu_memory_gib: float = 80.0
+    # Recipe: resolution, crop, augmentation, EMA, weight-decay groups (configs/*.flags).
+    train_image_size: int = 0  # 0: image_size
+    eval_image_size: int = 0  # 0: image_size
+    eval_resize_size: int = 0  # 0: eval_image_size * 256/224
+    crop_area_range: tuple = (0.08, 1.0)  # RandomResizedCrop scale (fraction of the area)
+    crop_aspect_range: tuple = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop ratio (width/height)
+    auto_augment: str = ""  # "", "ta_wide" (TrivialAugmentWide) or "randaugment"
+    ra_num_ops: int = 2
+    ra_magnitude: int = 9  # bin of 31
+    random_erase: float = 0.0  # probability
+    random_erase_value: str = "mean"
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_switch_prob: float = 0.5  # with both alphas > 0: probability a batch uses cutmix
+    mix_prob: float = 1.0  # probability a batch is mixed at all
+    repeated_aug: int = 1
+    ema: bool = False
+    ema_decay: float = 0.99998  # torchvision --model-ema-decay (adjusted, see ema_update_decay)
+    ema_every_steps: int = 32
+    ema_warmup: bool = True
+    norm_weight_decay: float = 0.0  # SGD weight decay on BatchNorm gamma/beta
 
     def __post_init__(self):
         self.freeze = tuple(str(g).strip() for g in self.freeze if str(g).strip())
@@ -82,6 +114,16 @@ class Config:
         except (TypeError, ValueError):
             raise ValueError(f"--step_decay_epochs={','.join(map(str, self.step_decay_epochs))}; "
                              "use whole epoch numbers, e.g. 30,60,80.") from None
+        for name in ("crop_area_range", "crop_aspect_range"):
+            value = getattr(self, name)
+            try:
+                pair = tuple(_number(v) for v in value)
+            except (TypeError, ValueError):
+                pair = ()
+            if len(pair) != 2:
+                raise ValueError(f"--{name}={','.join(map(str, value))}; use two numbers, "
+                                 "e.g. 0.08,1.") from None
+            setattr(self, name, pair)
 
     # ----- derived values (computed in one place) -----
     @property
@@ -119,6 +161,59 @@ class Config:
         before = FREEZE_GROUPS[:FREEZE_GROUPS.index(self.trainable_from)] if self.trainable_from \
             else ()
         return tuple(g for g in FREEZE_GROUPS if g in self.freeze or g in before)
+    def resolved_train_image_size(self):
+        return self.train_image_size or self.image_size
+
+    @property
+    def resolved_eval_image_size(self):
+        return self.eval_image_size or self.image_size
+
+    @property
+    def resolved_eval_resize_size(self):
+        """Shorter side before the evaluation center crop (FixRes: e.g. 232 for 224)."""
+        return self.eval_resize_size or int(round(self.resolved_eval_image_size *
+                                                  EVAL_RESIZE_RATIO))
+
+    @property
+    def ema_update_decay(self):
+        """Decay per EMA update, torchvision's reference: alpha = (1 - ema_decay) * global batch *
+        ema_every_steps / epochs, clipped to 1 (the average spans a fixed share of the run)."""
+        alpha = (1.0 - self.ema_decay) * self.batch_size * self.ema_every_steps / self.epochs
+        return 1.0 - min(1.0, alpha)
+
+    def recipe_lines(self):
+        """The resolved training recipe, one 'name: value' line each (the start-up log block)."""
+        rows = [
+            ("model", f"ResNet-{self.depth} {self.variant}"),
+            ("epochs", self.epochs),
+            ("global batch", self.batch_size),
+            ("peak learning rate", f"{self.learning_rate:g} ({self.base_learning_rate:g} per "
+                                   f"{REFERENCE_BATCH}), {self.lr_schedule}, warm-up "
+                                   f"{self.warmup_epochs_for_run():g} epochs"),
+            ("optimizer", f"SGD momentum {self.momentum:g}{' nesterov' if self.nesterov else ''}"),
+            ("weight decay", f"{self.weight_decay:g} kernels, {self.norm_weight_decay:g} "
+                             "BatchNorm gamma/beta"),
+            ("label smoothing", self.label_smoothing),
+            ("train crop", f"{self.resolved_train_image_size} px, area "
+                           f"{self.crop_area_range[0]:g}-{self.crop_area_range[1]:g}, aspect "
+                           f"{self.crop_aspect_range[0]:.3g}-{self.crop_aspect_range[1]:.3g}"),
+            ("eval", f"resize {self.resolved_eval_resize_size}, crop "
+                     f"{self.resolved_eval_image_size}"),
+            ("auto augment", (f"{self.auto_augment}" + (
+                f" N={self.ra_num_ops} M={self.ra_magnitude}"
+                if self.auto_augment == "randaugment" else "")) or "off"),
+            ("random erasing", f"p={self.random_erase:g} ({self.random_erase_value})"
+                               if self.random_erase else "off"),
+            ("mixup / cutmix", f"alpha {self.mixup_alpha:g} / {self.cutmix_alpha:g}, switch "
+                               f"{self.mix_switch_prob:g}, p={self.mix_prob:g}"
+                               if self.mixup_alpha or self.cutmix_alpha else "off"),
+            ("repeated augmentation", self.repeated_aug if self.repeated_aug > 1 else "off"),
+            ("EMA", f"decay {self.ema_update_decay:.6g} per update every {self.ema_every_steps} "
+                    f"steps (--ema_decay={self.ema_decay:g}), warm-up "
+                    f"{'on' if self.ema_warmup else 'off'}" if self.ema else "off"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return [f"{name:<{width}}  {value}" for name, value in rows]
 
     def warmup_epochs_for_run(self):
         """5 warm-up epochs for full runs, scaled down so short runs still decay (<= epochs/6)."""
@@ -173,6 +268,7 @@ class Config:
               f"--progress_every_secs={self.progress_every_secs}; use >= 0 (0: per epoch only).")
         self._validate_finetuning(check)
         check(self.gpu_memory_gib > 0, f"--gpu_memory_gib={self.gpu_memory_gib}; use > 0.")
+        self._validate_recipe(check)
         return self
 
     def _validate_finetuning(self, check):
@@ -190,8 +286,41 @@ class Config:
         check(not self.init_from or os.path.exists(self.init_from),
               f"--init_from={self.init_from}: no such file or directory.")
 
+    def _validate_recipe(self, check):
+        """The recipe flags (resolution, crop, augmentation, EMA, weight-decay groups)."""
+        for name in ("train_image_size", "eval_image_size"):
+            value = getattr(self, name)
+            check(value == 0 or value >= 32, f"--{name}={value}; use 0 (--image_size) or >= 32.")
+        check(self.eval_resize_size == 0 or
+              self.eval_resize_size >= self.resolved_eval_image_size,
+              f"--eval_resize_size={self.eval_resize_size} is smaller than the eval crop "
+              f"{self.resolved_eval_image_size}; use 0 or >= {self.resolved_eval_image_size}.")
+        lo, hi = self.crop_area_range
+        check(0 < lo <= hi <= 1, f"--crop_area_range={lo:g},{hi:g}; use 0 < min <= max <= 1.")
+        lo, hi = self.crop_aspect_range
+        check(0 < lo <= hi, f"--crop_aspect_range={lo:g},{hi:g}; use 0 < min <= max.")
+        check(self.auto_augment in AUTO_AUGMENTS,
+              f"--auto_augment={self.auto_augment!r}; valid: '' (off), ta_wide, randaugment.")
+        check(self.ra_num_ops >= 1, f"--ra_num_ops={self.ra_num_ops}; use >= 1.")
+        check(0 <= self.ra_magnitude <= 30, f"--ra_magnitude={self.ra_magnitude}; use 0..30.")
+        for name in ("random_erase", "mix_switch_prob", "mix_prob"):
+            value = getattr(self, name)
+            check(0 <= value <= 1, f"--{name}={value}; use a probability in [0, 1].")
+        check(self.random_erase_value in ERASE_VALUES,
+              f"--random_erase_value={self.random_erase_value!r}; valid: {', '.join(ERASE_VALUES)}.")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, name)
+            check(value >= 0, f"--{name}={value}; use >= 0 (0: off).")
+        check(self.repeated_aug >= 1,
+              f"--repeated_aug={self.repeated_aug}; use an integer >= 1 (1: off).")
+        check(0 <= self.ema_decay < 1, f"--ema_decay={self.ema_decay}; use a value in [0, 1).")
+        check(self.ema_every_steps >= 1,
+              f"--ema_every_steps={self.ema_every_steps}; use an integer >= 1.")
+        check(self.norm_weight_decay >= 0,
+              f"--norm_weight_decay={self.norm_weight_decay}; use >= 0.")
+
     def to_dict(self):
         d = dataclasses.asdict(self)
-        d["step_decay_epochs"] = list(self.step_decay_epochs)
-        d["freeze"] = list(self.freeze)
+        for name in ("step_decay_epochs", "crop_area_range", "crop_aspect_range", "freeze"):
+            d[name] = list(getattr(self, name))
         return d

@@ -8,6 +8,7 @@ import os
 
 from absl import logging
 
+from keras_resnet.training import recipe
 from pipelines import dataset as ds_lib
 
 SYNTHETIC_EXAMPLES = 1281167  # ImageNet's training split, for a realistic epoch length
@@ -80,7 +81,8 @@ def train_dataset(config, data, strategy, start_epoch, num_epochs, skip_steps):
         def synthetic_fn(ctx):
             return ds_lib.synthetic_dataset(
                 batch_size=ctx.get_per_replica_batch_size(config.batch_size),
-                image_size=config.image_size, num_classes=data.num_classes, seed=config.seed)
+                image_size=config.resolved_train_image_size, num_classes=data.num_classes,
+                seed=config.seed)
         return strategy.distribute_datasets_from_function(synthetic_fn)
 
     split = data.source.train
@@ -88,7 +90,8 @@ def train_dataset(config, data, strategy, start_epoch, num_epochs, skip_steps):
 
     def train_fn(ctx):
         return ds_lib.build_train_dataset(
-            split, global_batch_size=config.batch_size, image_size=config.image_size,
+            split, global_batch_size=config.batch_size,
+            **recipe.train_dataset_options(config, data.num_classes),
             seed=config.seed, start_epoch=start_epoch, num_epochs=num_epochs,
             skip_steps=skip_steps, input_context=ctx, deterministic=config.deterministic,
             cache=cache_path(cache, ctx, split, "train"),
@@ -115,9 +118,11 @@ def validation_dataset(config, data, strategy):
 
     def val_fn(ctx):
         val = ds_lib.build_eval_dataset(
-            source.val, global_batch_size=config.batch_size, image_size=config.image_size,
+            source.val, global_batch_size=config.batch_size, **recipe.eval_dataset_options(config),
             input_context=ctx,
-            cache=cache_path(config.cache, ctx, source.val, "val", config.image_size))
+            # The cached pixels depend on the crop (and a non-default resize) size.
+            cache=cache_path(config.cache, ctx, source.val, "val", config.resolved_eval_image_size,
+                             *([config.eval_resize_size] if config.eval_resize_size else [])))
         if several:  # elements are per-replica batches; a step takes one per local replica
             local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
             return val.take(val_steps * local).repeat()

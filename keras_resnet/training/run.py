@@ -21,9 +21,14 @@ from keras_resnet.files import read_json, write_json_atomic
 from keras_resnet.model.resnet import build_resnet
 from keras_resnet.training import callbacks as callbacks_lib
 from keras_resnet.training import checkpoint as ckpt_lib
-from keras_resnet.training import distribute, finetune, inputs, report
+from keras_resnet.training import distribute, finetune, inputs, recipe, report
 from keras_resnet.training.inputs import Data, UserError  # noqa: F401  (part of this API)
-from keras_resnet.training.optim import SparseCrossentropy, WarmupSchedule
+from keras_resnet.training.optim import (
+    SparseCrossentropy,
+    WarmupSchedule,
+    accuracy_metrics,
+    apply_norm_weight_decay,
+)
 
 CONFIG_JSON = "config.json"
 CLASSES_JSON = "classes.json"
@@ -62,6 +67,7 @@ class Trainer:
     checkpoint: ckpt_lib.TrainingCheckpoint
     start_epoch: int  # 0-based epoch to continue
     start_step: int   # steps of that epoch already done
+    ema: object = None  # ema.WeightEMA with --ema
 
     @property
     def global_step(self):
@@ -72,10 +78,10 @@ class Trainer:
 
 def make_model(config, num_classes):
     """The network for `config`: uint8 RGB in, float32 probabilities out."""
-    return build_resnet(
+    model = build_resnet(
         config.depth,
         num_classes=num_classes,
-        input_shape=(config.image_size, config.image_size, 3),
+        input_shape=recipe.model_input_shape(config),
         dropout=config.dropout,
         l2=config.l2,
         l1=config.l1,
@@ -84,6 +90,8 @@ def make_model(config, num_classes):
         conv_bias=config.conv_bias,
         include_preprocessing=True,
     )
+    apply_norm_weight_decay(model, config.norm_weight_decay)
+    return model
 
 
 def summarize(config, num_classes=1000):
@@ -123,8 +131,8 @@ def compile_model(model, config, num_classes, steps_per_epoch):
         loss=SparseCrossentropy(num_classes, label_smoothing=config.label_smoothing),
         # Weighted: the weight-0 padding of multi-replica evaluation does not count (Keras
         # ignores sample weights in `metrics`). Training has no weights: plain accuracy.
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                          keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")],
+        # With mixup / cutmix, training labels are soft: accuracy against the dominant class.
+        weighted_metrics=accuracy_metrics(recipe.uses_soft_labels(config)),
         jit_compile=jit,
     )
     return model.optimizer
@@ -146,6 +154,7 @@ def setup(config):
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(
         distribute.choose_precision(config.mixed_precision, strategy))
+    recipe.log_recipe(config)
     return Runtime(strategy, distribute.is_chief(), config.resolved_model_dir)
 
 
@@ -158,22 +167,25 @@ def build(config, runtime, data):
     with runtime.strategy.scope():
         model = make_model(config, data.num_classes)
         finetune.freeze(model, config.frozen_groups)  # before compile, which collects trainables
+        checkpoint_dir = os.path.join(runtime.model_dir, ckpt_lib.CHECKPOINT_SUBDIR)
+        if config.init_from:  # before the EMA copies the weights; a resumed run restores all
+            _init_from(config, model, data,
+                       resuming=tf.train.latest_checkpoint(checkpoint_dir) is not None)
         optimizer = compile_model(model, config, data.num_classes, data.steps_per_epoch)
+        ema = recipe.make_ema(config, model)
         ckpt = ckpt_lib.TrainingCheckpoint(
-            model, optimizer, os.path.join(runtime.model_dir, ckpt_lib.CHECKPOINT_SUBDIR),
-            keep=config.keep_checkpoints, write=runtime.writer)
+            model, optimizer, checkpoint_dir,
+            keep=config.keep_checkpoints, write=runtime.writer,
+            extra=ema.trackables() if ema else None)
         try:
             if runtime.writer:
                 ckpt_lib.check_run_identity(runtime.model_dir, identity)
-            resuming = tf.train.latest_checkpoint(ckpt.restore_directory) is not None
             start_epoch, start_step = ckpt.restore()
         except ckpt_lib.CheckpointMismatchError as e:
             raise UserError(str(e)) from None
-        if config.init_from:
-            _init_from(config, model, data, resuming)
     if start_step >= data.steps_per_epoch:  # a checkpoint of a longer epoch; start the next one
         start_epoch, start_step = start_epoch + 1, 0
-    trainer = Trainer(model, optimizer, ckpt, start_epoch, start_step)
+    trainer = Trainer(model, optimizer, ckpt, start_epoch, start_step, ema)
     if start_epoch or start_step:
         logging.info("Resumed from %s (global step %d).",
                      tf.train.latest_checkpoint(ckpt.restore_directory), trainer.global_step)
@@ -219,6 +231,7 @@ def fit(config, runtime, data, trainer):
                                                 num_epochs, skip)
                 verbose, callbacks = _segment_callbacks(config, runtime, data, trainer, stop,
                                                         throughput, first_epoch, skip)
+                callbacks = recipe.with_ema_callback(callbacks, trainer.ema, val_ds, val_steps)
                 trainer.model.fit(
                     train_ds,
                     epochs=config.epochs,  # the log says "Epoch 2/90" in both calls
@@ -237,6 +250,8 @@ def fit(config, runtime, data, trainer):
                 f"a peer worker stopped or became unreachable ({str(e).splitlines()[0][:200]}); "
                 f"run the same command on every worker to resume from the last checkpoint in "
                 f"{trainer.checkpoint.restore_directory}.") from None
+    if trainer.ema:  # the final model, its export and results are the EMA's
+        trainer.ema.copy_to_model()
     return throughput
 
 
@@ -249,7 +264,8 @@ def _segment_callbacks(config, runtime, data, trainer, stop, throughput, first_e
     checkpoint = ckpt_lib.CheckpointCallback(
         trainer.checkpoint, data.steps_per_epoch, config.checkpoint_every_steps,
         config.checkpoint_every_secs, runtime.model_dir, stop, write=runtime.writer,
-        agree=replicas.any_worker(strategy) if multi else None, step_offset=skip)
+        agree=replicas.any_worker(strategy) if multi else None, step_offset=skip,
+        **recipe.best_model_options(trainer.ema))
     callbacks = [throughput, checkpoint]
     if strategy.num_replicas_in_sync > 1:  # first: later callbacks see averaged BN statistics
         callbacks.insert(0, replicas.SyncWorkers())
@@ -300,7 +316,9 @@ def finish(config, runtime, data, trainer, throughput):
         logging.info("Exporting the %s model as a SavedModel under %s ...",
                      "best" if best_path else "final", config.resolved_export_dir)
         export_path = export.export_saved_model(
-            serving_model, config.resolved_export_dir, image_size=config.image_size,
+            serving_model, config.resolved_export_dir,
+            image_size=config.resolved_eval_image_size,
+            resize_size=config.resolved_eval_resize_size,
             class_ids=data.class_ids, class_names=data.class_names)
     history = report.read_history(os.path.join(model_dir, report.HISTORY_CSV))
     rates = ([r for r in history.get("images_per_sec", []) if r > 0]
@@ -309,6 +327,11 @@ def finish(config, runtime, data, trainer, throughput):
         "val_top1": metrics.get("top1"),
         "val_top5": metrics.get("top5"),
         "val_loss": metrics.get("loss"),
+        # With --ema, best.keras and the export hold the EMA weights; val_top1 is the raw
+        # weights' accuracy at the same epoch.
+        "val_top1_ema": metrics.get("top1_ema"),
+        "val_top5_ema": metrics.get("top5_ema"),
+        "ema": config.ema,
         "best_checkpoint": best_path,
         "epochs": config.epochs,
         "steps_per_epoch": data.steps_per_epoch,
@@ -333,7 +356,8 @@ def _best_metrics(model_dir):
     best_path = os.path.join(model_dir, ckpt_lib.BEST_MODEL)
     best = read_json(os.path.join(model_dir, ckpt_lib.BEST_JSON))
     if best and os.path.exists(best_path):
-        return {k: best.get(f"val_{k}") for k in ("top1", "top5", "loss")}, best_path
+        keys = ("top1", "top5", "loss", "top1_ema", "top5_ema", "loss_ema")
+        return {k: best.get(f"val_{k}") for k in keys}, best_path
     return {}, None
 
 
