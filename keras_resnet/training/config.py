@@ -161,6 +161,8 @@ class Config:
         before = FREEZE_GROUPS[:FREEZE_GROUPS.index(self.trainable_from)] if self.trainable_from \
             else ()
         return tuple(g for g in FREEZE_GROUPS if g in self.freeze or g in before)
+
+    @property
     def resolved_train_image_size(self):
         return self.train_image_size or self.image_size
 
