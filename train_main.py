@@ -63,6 +63,14 @@ HELP = {
                "epoch).",
     "progress_every_secs": "With --verbose=auto and no terminal: seconds between progress lines "
                            "(0: one line per epoch only).",
+    # Fine-tuning.
+    "init_from": "Start from these weights: a torchvision/timm .pth/.pt or .safetensors file, a "
+                 ".keras file or a run directory. A classifier of another class count is newly "
+                 "initialised. Ignored (with a message) when the run resumes from a checkpoint.",
+    "freeze": "Parts to keep fixed: any of stem, stage1, stage2, stage3, stage4, head; their "
+              "BatchNorm layers run in inference mode.",
+    "trainable_from": "Freeze every part before this one (stage1..stage4 or head).",
+    "head_lr_multiplier": "The classifier's learning rate is this times the schedule's.",
     "summary": "Print the model summary, parameter counts, MACs and a memory estimate, then exit.",
     "gpu_memory_gib": "Accelerator memory for the largest-batch estimate of --summary.",
     # Recipe (configs/*.flags): resolution, crop, augmentation, EMA, weight-decay groups.

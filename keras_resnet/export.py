@@ -6,6 +6,12 @@ LiteRT (float32 or int8) or OpenVINO.
     python -m keras_resnet.export --model_dir=runs/r50 --format=onnx --output=r50.onnx
     python -m keras_resnet.export --model_dir=runs/r50 --format=litert_int8 --output=r50_int8.tflite \
         --dataset=imagenet --data_dir=data/imagenet --calibration_images=200
+    python -m keras_resnet.export --model_dir=runs/r50 --format=torchvision --output=r50.pth
+    python -m keras_resnet.export --model_dir=runs/r50 --format=safetensors --output=r50.safetensors
+
+--format=torchvision writes a torch.save file that `torch.load(PATH, weights_only=True)` reads and
+`torchvision.models.resnetN(num_classes=K).load_state_dict` accepts (strict); safetensors holds the
+same tensors (torchvision / timm names). Both are weights only (keras_resnet.model.weights).
 
 Every file format takes float32 [N, S, S, 3] RGB 0..255 after the evaluation resize and center
 crop, normalises inside and returns probabilities; its class ids and names are written beside it

@@ -87,15 +87,18 @@ def _listed(keys):
     return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
-def load_torchvision_state_dict(model, state_dict):
+def load_torchvision_state_dict(model, state_dict, *, exclude=()):
     """Sets every weight of `model` from a torchvision ResNet state dict (strict).
 
-    `num_batches_tracked` entries are ignored. Raises ValueError listing the missing, unexpected
-    and shape-mismatched keys (a checkpoint of another depth or class count fails here) and sets
-    nothing unless every weight matches.
+    `num_batches_tracked` entries are ignored, and so are keys starting with a prefix in
+    `exclude` on both sides (`("fc.",)`: keep the model's own classifier). Raises ValueError
+    listing the missing, unexpected and shape-mismatched keys (a checkpoint of another depth or
+    class count fails here) and sets nothing unless every weight matches.
     """
-    mapping = _weight_map(model)
-    given = {k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")}
+    exclude = tuple(exclude)
+    mapping = {k: v for k, v in _weight_map(model).items() if not k.startswith(exclude)}
+    given = {k: v for k, v in state_dict.items()
+             if not k.endswith(".num_batches_tracked") and not k.startswith(exclude)}
     missing = mapping.keys() - given.keys()
     unexpected = given.keys() - mapping.keys()
     converted, mismatched = {}, []

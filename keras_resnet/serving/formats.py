@@ -61,6 +61,16 @@ def _openvino(*args, **kwargs):
     return openvino.write_openvino(*args, **kwargs)
 
 
+def _weights_file(fmt):
+    """A writer of PyTorch-named weights (keras_resnet.model.weights): weights only, no
+    preprocessing or class names in the file."""
+    def writer(model, output, *, image_size, class_ids, class_names, calibration=None):
+        from keras_resnet.model import weights
+
+        return weights.write_weights(model, output, fmt)
+    return writer
+
+
 FORMATS = {
     "saved_model": Format(_saved_model, "", "", "TF Serving SavedModel version directory "
                           "(takes JPEG/PNG bytes); --output is the export base directory"),
@@ -73,6 +83,10 @@ FORMATS = {
                           "(float32 input and output)", calibrated=True),
     "openvino": Format(_openvino, ".xml", "openvino", "OpenVINO IR (.xml + .bin)",
                        converters=("openvino",)),
+    "torchvision": Format(_weights_file("torchvision"), ".pth", "", "torch.save state dict "
+                          "for torchvision.models.resnetN (torch.load(weights_only=True))"),
+    "safetensors": Format(_weights_file("safetensors"), ".safetensors", "", "safetensors state "
+                          "dict in torchvision / timm names"),
 }
 
 

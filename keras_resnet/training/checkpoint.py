@@ -34,8 +34,9 @@ BEST_MODEL = "best.keras"
 FINAL_MODEL = "latest.keras"  # the weights at the end of training
 BEST_JSON = "best.json"
 RUN_JSON = "run.json"
-# Fields of run.json that must match for a checkpoint to be restorable into the new model.
-IDENTITY_FIELDS = ("depth", "variant", "conv_bias", "num_classes")
+# Fields of run.json that must match for a checkpoint to be restorable into the new model
+# ("frozen": the optimizer's slots follow the trainable variables, so freezing changes them).
+IDENTITY_FIELDS = ("depth", "variant", "conv_bias", "num_classes", "frozen")
 # Fields that must match for the run to continue where it stopped: the learning-rate schedule
 # counts optimizer steps, and the saved data position counts batches, of this global batch size.
 RUN_FIELDS = ("batch_size",)

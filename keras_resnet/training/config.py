@@ -16,6 +16,7 @@ DATASETS = ("imagenet", "demo", "shards", "synthetic")  # plus "tfds:NAME"
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("cosine", "step")
+FREEZE_GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "head")  # network order
 AUTO_AUGMENTS = ("", "ta_wide", "randaugment")  # as pipelines.augment.AUTO_AUGMENTS
 ERASE_VALUES = ("mean", "random")
 EVAL_RESIZE_RATIO = 256 / 224  # as pipelines.preprocessing (no TensorFlow import here)
@@ -76,6 +77,11 @@ class Config:
     keep_checkpoints: int = 3
     verbose: str = "auto"  # Keras fit verbosity: "auto", "1" (progress bar), "2" (line per epoch)
     progress_every_secs: float = 60.0  # --verbose=auto without a terminal: a line this often
+    # Fine-tuning (issue 15): pretrained weights, frozen parts, head learning rate.
+    init_from: str = ""  # weights file (.pth/.pt/.safetensors/.keras) or a run directory
+    freeze: tuple = ()  # groups to freeze: stem, stage1..stage4, head
+    trainable_from: str = ""  # freeze every group before this one (e.g. stage4)
+    head_lr_multiplier: float = 1.0  # the classifier's learning rate = this x the schedule's
     # Inspection (--summary).
     summary: bool = False
     gpu_memory_gib: float = 80.0
@@ -102,6 +108,7 @@ class Config:
     norm_weight_decay: float = 0.0  # SGD weight decay on BatchNorm gamma/beta
 
     def __post_init__(self):
+        self.freeze = tuple(str(g).strip() for g in self.freeze if str(g).strip())
         try:
             self.step_decay_epochs = tuple(int(e) for e in self.step_decay_epochs)
         except (TypeError, ValueError):
@@ -147,6 +154,13 @@ class Config:
     @property
     def resolved_export_dir(self):
         return self.export_dir or os.path.join("saved_models", self.run_name)
+
+    @property
+    def frozen_groups(self):
+        """The groups --freeze and --trainable_from freeze, in network order."""
+        before = FREEZE_GROUPS[:FREEZE_GROUPS.index(self.trainable_from)] if self.trainable_from \
+            else ()
+        return tuple(g for g in FREEZE_GROUPS if g in self.freeze or g in before)
 
     @property
     def resolved_train_image_size(self):
@@ -256,9 +270,25 @@ class Config:
               f"--tf_data_service={self.tf_data_service!r}; use grpc://HOST:PORT.")
         check(self.progress_every_secs >= 0,
               f"--progress_every_secs={self.progress_every_secs}; use >= 0 (0: per epoch only).")
+        self._validate_finetuning(check)
         check(self.gpu_memory_gib > 0, f"--gpu_memory_gib={self.gpu_memory_gib}; use > 0.")
         self._validate_recipe(check)
         return self
+
+    def _validate_finetuning(self, check):
+        groups = ", ".join(FREEZE_GROUPS)
+        bad = [g for g in self.freeze if g not in FREEZE_GROUPS]
+        check(not bad, f"--freeze={','.join(self.freeze)}: unknown {', '.join(bad)}; valid: {groups}.")
+        check(not self.trainable_from or self.trainable_from in FREEZE_GROUPS[1:],
+              f"--trainable_from={self.trainable_from!r}; valid: {', '.join(FREEZE_GROUPS[1:])}.")
+        check(not (self.freeze and self.trainable_from),
+              "pass --freeze or --trainable_from, not both.")
+        check(len(self.frozen_groups) < len(FREEZE_GROUPS),
+              "--freeze names every part of the network: nothing would train.")
+        check(self.head_lr_multiplier > 0,
+              f"--head_lr_multiplier={self.head_lr_multiplier}; use a positive number.")
+        check(not self.init_from or os.path.exists(self.init_from),
+              f"--init_from={self.init_from}: no such file or directory.")
 
     def _validate_recipe(self, check):
         """The recipe flags (resolution, crop, augmentation, EMA, weight-decay groups)."""
@@ -295,6 +325,6 @@ class Config:
 
     def to_dict(self):
         d = dataclasses.asdict(self)
-        for name in ("step_decay_epochs", "crop_area_range", "crop_aspect_range"):
+        for name in ("step_decay_epochs", "crop_area_range", "crop_aspect_range", "freeze"):
             d[name] = list(getattr(self, name))
         return d

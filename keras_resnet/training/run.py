@@ -21,7 +21,7 @@ from keras_resnet.files import read_json, write_json_atomic
 from keras_resnet.model.resnet import build_resnet
 from keras_resnet.training import callbacks as callbacks_lib
 from keras_resnet.training import checkpoint as ckpt_lib
-from keras_resnet.training import distribute, inputs, recipe, report
+from keras_resnet.training import distribute, finetune, inputs, recipe, report
 from keras_resnet.training.inputs import Data, UserError  # noqa: F401  (part of this API)
 from keras_resnet.training.optim import (
     SparseCrossentropy,
@@ -120,8 +120,10 @@ def learning_rate_schedule(config, steps_per_epoch):
 def compile_model(model, config, num_classes, steps_per_epoch):
     """Compiles `model` for training with `config`'s optimizer, loss and metrics (in the current
     strategy scope); returns its optimizer (a LossScaleOptimizer under mixed_float16)."""
-    optimizer = keras.optimizers.SGD(learning_rate=learning_rate_schedule(config, steps_per_epoch),
-                                     momentum=config.momentum, nesterov=config.nesterov)
+    sgd = dict(learning_rate=learning_rate_schedule(config, steps_per_epoch),
+               momentum=config.momentum, nesterov=config.nesterov)
+    optimizer = (finetune.HeadScaledSGD(head_lr_multiplier=config.head_lr_multiplier, **sgd)
+                 if config.head_lr_multiplier != 1.0 else keras.optimizers.SGD(**sgd))
     jit = distribute.choose_jit_compile(config.jit_compile, tf.distribute.get_strategy(),
                                        config.deterministic)
     model.compile(
@@ -160,13 +162,19 @@ def build(config, runtime, data):
     """The compiled model in the strategy's scope, restored from the run's latest checkpoint when
     there is one (a run of another network or batch size is refused)."""
     identity = {"depth": config.depth, "variant": config.variant, "conv_bias": config.conv_bias,
-                "num_classes": data.num_classes, "batch_size": config.batch_size}
+                "num_classes": data.num_classes, "batch_size": config.batch_size,
+                "frozen": list(config.frozen_groups)}
     with runtime.strategy.scope():
         model = make_model(config, data.num_classes)
+        finetune.freeze(model, config.frozen_groups)  # before compile, which collects trainables
+        checkpoint_dir = os.path.join(runtime.model_dir, ckpt_lib.CHECKPOINT_SUBDIR)
+        if config.init_from:  # before the EMA copies the weights; a resumed run restores all
+            _init_from(config, model, data,
+                       resuming=tf.train.latest_checkpoint(checkpoint_dir) is not None)
         optimizer = compile_model(model, config, data.num_classes, data.steps_per_epoch)
         ema = recipe.make_ema(config, model)
         ckpt = ckpt_lib.TrainingCheckpoint(
-            model, optimizer, os.path.join(runtime.model_dir, ckpt_lib.CHECKPOINT_SUBDIR),
+            model, optimizer, checkpoint_dir,
             keep=config.keep_checkpoints, write=runtime.writer,
             extra=ema.trackables() if ema else None)
         try:
@@ -182,6 +190,20 @@ def build(config, runtime, data):
         logging.info("Resumed from %s (global step %d).",
                      tf.train.latest_checkpoint(ckpt.restore_directory), trainer.global_step)
     return trainer
+
+
+def _init_from(config, model, data, resuming):
+    """--init_from on a new run; a resumed run continues from its checkpoint instead."""
+    if resuming:
+        message = (f"Resuming from the checkpoint in {config.resolved_model_dir}: --init_from="
+                   f"{config.init_from} is ignored (it only starts a new run).")
+    else:
+        try:
+            message = finetune.init_from(model, config.init_from, num_classes=data.num_classes)
+        except ValueError as e:
+            raise UserError(f"--init_from: {e}") from None
+    logging.info(message)
+    print(message, flush=True)
 
 
 def segments(start_epoch, start_step, epochs):

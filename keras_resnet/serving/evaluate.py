@@ -1,0 +1,237 @@
+"""Top-1 / top-5 of a model on a validation split, under a chosen evaluation protocol.
+
+Protocols (sizes in pixels; `resize` is the shorter side after resizing):
+  center_crop   resize, then one center crop of `crop` (torchvision's Resize(256) +
+                CenterCrop(224); FixRes: evaluate at a larger crop than the training size)
+  ten_crop      resize, then the 4 corner and the center crops and their mirror images; the
+                10 softmax outputs are averaged (the ResNet paper's 10-crop testing)
+  full_image    the whole image, shorter side resized to `resize`, one image per step (the
+                network pools globally, so any size works)
+Models: any weights file that keras_resnet.model.weights reads (built with the architecture read
+from the file) or a SavedModel export, which decodes and crops by itself (center_crop at its own
+image size only).
+"""
+
+import contextlib
+import dataclasses
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from pipelines import preprocessing
+
+PROTOCOLS = ("center_crop", "ten_crop", "full_image")
+TOP_K = (1, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """An evaluation protocol and its sizes (pixels)."""
+
+    name: str = "center_crop"
+    crop_size: int = 224
+    resize_size: int = 256
+
+    @classmethod
+    def make(cls, name, image_size, *, crop_size=None, resize_size=None):
+        """Defaults: crop = image_size; resize = crop * 256/224 (full_image: resize = crop)."""
+        if name not in PROTOCOLS:
+            raise ValueError(f"--protocol={name!r}; valid: {', '.join(PROTOCOLS)}.")
+        crop = crop_size or image_size
+        default_resize = crop if name == "full_image" else preprocessing.eval_resize_size(crop)
+        resize = resize_size or default_resize
+        if crop < 32 or resize < 32:
+            raise ValueError(f"crop {crop} / resize {resize} px: use sizes >= 32.")
+        if name != "full_image" and resize < crop:
+            raise ValueError(f"--resize_size={resize} is smaller than the crop ({crop}); the "
+                             "shorter side must be at least the crop size.")
+        return cls(name, crop, resize)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def resize_shorter(image, size):
+    """uint8 [H, W, 3] with the shorter side `size` (torchvision Resize(int): long side
+    truncated), antialiased bilinear as the eval pipeline (pipelines.preprocessing)."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    new_h = tf.where(h <= w, size, size * h // w)
+    new_w = tf.where(h <= w, size * w // h, size)
+    image = tf.image.resize(image, tf.stack([new_h, new_w]), method=preprocessing.RESIZE_METHOD,
+                            antialias=preprocessing.EVAL_ANTIALIAS)
+    return tf.cast(image + 0.5, tf.uint8)  # convex weights: rounds, stays in [0, 255]
+
+
+def _crop(image, top, left, size):
+    return image[top:top + size, left:left + size]
+
+
+def _center(image, size):
+    shape = tf.shape(image)
+    top = tf.cast(tf.round((shape[0] - size) / 2), tf.int32)
+    left = tf.cast(tf.round((shape[1] - size) / 2), tf.int32)
+    return _crop(image, top, left, size)
+
+
+def preprocess(image, protocol):
+    """Decoded uint8 [H, W, 3] -> uint8 [S, S, 3] (center_crop), [10, S, S, 3] (ten_crop) or
+    [h, w, 3] (full_image)."""
+    image = resize_shorter(image, protocol.resize_size)
+    size = protocol.crop_size
+    if protocol.name == "full_image":
+        return image
+    if protocol.name == "center_crop":
+        out = _center(image, size)
+        out.set_shape([size, size, 3])
+        return out
+    shape = tf.shape(image)
+    bottom, right = shape[0] - size, shape[1] - size
+    crops = [_crop(image, 0, 0, size), _crop(image, 0, right, size),
+             _crop(image, bottom, 0, size), _crop(image, bottom, right, size),
+             _center(image, size)]
+    crops = tf.stack(crops)
+    out = tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)  # + horizontal flips
+    out.set_shape([10, size, size, 3])
+    return out
+
+
+def _raw_dataset(split):
+    """(encoded bytes, label) in split order."""
+    if split.files is not None:
+        ds = tf.data.Dataset.from_tensor_slices(
+            (np.asarray(split.files, dtype=str), np.asarray(split.labels, dtype=np.int64)))
+        return ds.map(lambda f, y: (tf.io.read_file(f), y))
+    return split.records()
+
+
+def image_dataset(split, protocol, batch_size):
+    """Batches of (uint8 images as `preprocess` makes them, labels); undecodable files are
+    logged and left out (the result's `images` counts what was evaluated)."""
+    ds = _raw_dataset(split).map(
+        lambda raw, y: (preprocess(preprocessing.decode_image(raw), protocol), y),
+        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    return ds.batch(1 if protocol.name == "full_image" else batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def bytes_dataset(split, batch_size):
+    """Batches of (encoded bytes, labels), for a SavedModel's serving_default."""
+    return _raw_dataset(split).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------------- predicting
+
+def keras_predictor(model, strategy=None):
+    """images uint8 [N, ...] -> probabilities [N, C] (NumPy) of a Keras model with softmax
+    output, on one device or split over the replicas of `strategy` (batches padded to a
+    multiple of the replica count, so no replica gets an empty batch)."""
+    @tf.function(reduce_retracing=True)
+    def step(images):
+        return tf.cast(model(images, training=False), tf.float32)
+
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if replicas == 1:
+        return lambda images: step(images).numpy()
+
+    def predict(images):
+        images = np.asarray(images)
+        n = len(images)
+        pad = -n % replicas
+        padded = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)]) if pad else images
+        dist = strategy.experimental_distribute_values_from_function(
+            lambda ctx: np.array_split(padded, replicas)[ctx.replica_id_in_sync_group])
+        out = strategy.gather(strategy.run(step, args=(dist,)), axis=0)
+        return out.numpy()[:n]
+
+    return predict
+
+
+def saved_model_predictor(path):
+    """(encoded bytes [N] -> probabilities [N, C], image size) of a SavedModel export."""
+    loaded = tf.saved_model.load(path)
+    fn = loaded.signatures["serving_default"]
+    image_size = int(loaded.image_size[0].numpy()) if hasattr(loaded, "image_size") else None
+    return (lambda data: fn(image_bytes=tf.constant(data))["probabilities"].numpy()), image_size
+
+
+# --------------------------------------------------------------------------------- evaluating
+
+def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=True):
+    """{"top1", "top5", "images"} of `predict` over `batches` of (inputs, labels).
+
+    `crops_per_image` > 1: inputs are [N, crops, ...], flattened for `predict` and the crops'
+    probabilities averaged.
+    """
+    from tqdm import tqdm
+
+    correct = dict.fromkeys(TOP_K, 0)
+    images = 0
+    for inputs, labels in tqdm(batches, total=num_batches, disable=not progress, unit="batch",
+                               desc="evaluating", mininterval=1.0):
+        inputs, labels = inputs.numpy(), labels.numpy()
+        if crops_per_image > 1:
+            flat = inputs.reshape((-1,) + inputs.shape[2:])
+            probs = predict(flat).reshape(len(labels), crops_per_image, -1).mean(axis=1)
+        else:
+            probs = predict(inputs)
+        # Rank of the true class: how many classes score strictly higher (ties favour it, as
+        # Keras's in_top_k does).
+        true = probs[np.arange(len(labels)), labels]
+        rank = (probs > true[:, None]).sum(axis=1)
+        for k in TOP_K:
+            correct[k] += int((rank < k).sum())
+        images += len(labels)
+    if not images:
+        raise ValueError("no image could be evaluated (empty or unreadable validation split).")
+    return {"top1": correct[1] / images, "top5": correct[5] / images, "images": images}
+
+
+def evaluate_path(path, split, protocol, *, batch_size=64, depth=None, variant=None,
+                  num_classes=None, strategy=None, progress=True):
+    """Evaluates the weights or SavedModel at `path` on `split`; returns the result dict."""
+    from keras_resnet.serving.export import latest_version_dir
+
+    saved_model = latest_version_dir(path) if os.path.isdir(path) else None
+    steps = math.ceil(split.num_examples / (1 if protocol.name == "full_image" else batch_size))
+    if saved_model:
+        predict, image_size = saved_model_predictor(saved_model)
+        default = Protocol.make("center_crop", image_size or protocol.crop_size)
+        if protocol != default:
+            raise ValueError(f"{path} is a SavedModel, which crops by itself (center crop "
+                             f"{default.crop_size} of {default.resize_size}): evaluate it with "
+                             f"--protocol=center_crop --image_size={default.crop_size}, or other "
+                             "protocols and sizes from the weights (a .keras file or run dir).")
+        result = evaluate(predict, bytes_dataset(split, batch_size), num_batches=steps,
+                          progress=progress)
+        return _record(result, saved_model, protocol)
+    from keras_resnet.model import weights
+
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        model = weights.build_from_weights(path, depth=depth, variant=variant,
+                                           classifier_activation="softmax")
+    classes = model.outputs[0].shape[-1]
+    if num_classes is not None and classes != num_classes:
+        raise ValueError(f"{path} predicts {classes} classes but the dataset has {num_classes}; "
+                         "evaluate it on the dataset it was trained for.")
+    crops = 10 if protocol.name == "ten_crop" else 1
+    result = evaluate(keras_predictor(model, strategy), image_dataset(split, protocol, batch_size),
+                      num_batches=steps, crops_per_image=crops, progress=progress)
+    return _record(result, path, protocol)
+
+
+def _record(result, model, protocol):
+    return {**result, "model": model, "protocol": protocol.name, "crop_size": protocol.crop_size,
+            "resize_size": protocol.resize_size}
+
+
+def format_table(rows):
+    """A plain-text table of result dicts."""
+    header = ("model", "protocol", "crop", "resize", "images", "top-1", "top-5")
+    lines = [(r["model"], r["protocol"], str(r["crop_size"]), str(r["resize_size"]),
+              str(r["images"]), f"{100 * r['top1']:.2f}%", f"{100 * r['top5']:.2f}%")
+             for r in rows]
+    widths = [max(len(x) for x in column) for column in zip(header, *lines, strict=True)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+                     for line in [header, *lines])

@@ -1,0 +1,121 @@
+"""`python -m keras_resnet.evaluate` and `export --format=torchvision|safetensors` on a demo run."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_resnet import evaluate as evaluate_cmd
+from keras_resnet import export as export_cmd
+from keras_resnet.model import weights
+from keras_resnet.serving import evaluate
+from pipelines import preprocessing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_eval")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_main.py"), "--flagfile=configs/demo.flags",
+         f"--data_dir={root / 'data'}", f"--model_dir={root / 'run'}",
+         f"--export_dir={root / 'export'}", f"--image_size={SIZE}", "--epochs=2",
+         "--steps_per_epoch=6", "--verbose=2", "--mixed_precision=float32"],
+        capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def _evaluate(root, weights_path, *extra):
+    out = root / f"eval-{len(os.listdir(root))}.json"
+    status = evaluate_cmd.run([f"--weights={weights_path}", "--dataset=demo",
+                               f"--data_dir={root / 'data'}", f"--image_size={SIZE}",
+                               f"--json={out}", *extra])
+    return status, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.slow  # trains a demo model in a subprocess (module fixture)
+def test_evaluate_gives_the_runs_top1(demo_run):
+    """Export, best.keras and the run directory, center crop at the training size: the top-1
+    and top-5 that training recorded in results.json, over every validation image."""
+    recorded = json.loads((demo_run / "run" / "results.json").read_text())
+    run_dir = demo_run / "run"
+    for path in (demo_run / "export", run_dir / "best.keras"):
+        status, result = _evaluate(demo_run, path)
+        assert status == 0
+        assert result["images"] == 250  # the demo's 10 x 25 validation images
+        assert result["top1"] == pytest.approx(recorded["val_top1"], abs=1e-6), path
+        assert result["top5"] == pytest.approx(recorded["val_top5"], abs=1e-6), path
+        assert (result["protocol"], result["crop_size"], result["resize_size"]) == (
+            "center_crop", SIZE, preprocessing.eval_resize_size(SIZE))
+
+
+@pytest.mark.slow  # trains a demo model in a subprocess (module fixture)
+def test_other_protocols_and_their_limits(demo_run, capsys):
+    best = demo_run / "run" / "best.keras"
+    for protocol, extra in (("ten_crop", ()), ("full_image", ()),
+                            ("center_crop", ("--crop_size=40", "--resize_size=44"))):
+        status, result = _evaluate(demo_run, best, f"--protocol={protocol}", *extra)
+        assert status == 0 and result["images"] == 250 and result["protocol"] == protocol
+        assert 0 <= result["top1"] <= result["top5"] <= 1
+    assert "full_image" in capsys.readouterr().out  # the table
+    status, result = _evaluate(demo_run, demo_run / "export", "--protocol=ten_crop")
+    assert status == 1 and result is None
+    assert "is a SavedModel, which crops by itself" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # trains a demo model in a subprocess (module fixture)
+def test_bad_weights_one_line_error_nothing_written(demo_run, tmp_path, capsys):
+    evil = tmp_path / "evil.pth"
+    with zipfile.ZipFile(evil, "w") as archive:
+        archive.writestr("x/data.pkl", b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R.")
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    for path, message in ((tmp_path / "missing.pth", "not found"),
+                          (evil, "global os.system"), (truncated, "incomplete zip")):
+        status, result = _evaluate(demo_run, path)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 1 and result is None
+        assert err[-1].startswith("error:") and message in err[-1], err
+
+
+def test_center_crop_is_the_eval_pipelines():
+    protocol = evaluate.Protocol.make("center_crop", SIZE)
+    for shape in ((40, 40), (37, 81), (90, 33)):
+        image = tf.constant(np.random.default_rng(0).integers(0, 256, (*shape, 3)), tf.uint8)
+        np.testing.assert_array_equal(evaluate.preprocess(image, protocol),
+                                      preprocessing.center_crop_for_eval(image, SIZE))
+    ten = evaluate.preprocess(image, evaluate.Protocol.make("ten_crop", SIZE)).numpy()
+    assert ten.shape == (10, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(ten[5], ten[0][:, ::-1])  # the mirror of the first corner
+    np.testing.assert_array_equal(ten[4], evaluate.preprocess(image, protocol))
+    assert evaluate_cmd.PROTOCOLS == evaluate.PROTOCOLS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, name", [("torchvision", "w.pth"), ("safetensors", "w.safetensors")])
+def test_export_weight_files(demo_run, tmp_path, fmt, name):
+    import keras
+
+    out = tmp_path / name
+    status = export_cmd.run([f"--model_dir={demo_run / 'run'}", f"--format={fmt}",
+                             f"--output={out}"])
+    assert status == 0 and os.listdir(tmp_path) == [name]
+    model = keras.saving.load_model(demo_run / "run" / "best.keras", compile=False)
+    state, _ = weights.read_state_dict(str(out))
+    expected = weights.export_state_dict(model)
+    assert state.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(state[key], expected[key], err_msg=key)
+    # The file evaluates like the run it came from.
+    status, result = _evaluate(demo_run, out)
+    recorded = json.loads((demo_run / "run" / "results.json").read_text())
+    assert status == 0 and result["top1"] == pytest.approx(recorded["val_top1"], abs=1e-6)
+    assert export_cmd.run([f"--model_dir={demo_run / 'run'}", f"--format={fmt}"]) == 2
