@@ -64,7 +64,7 @@ def _openvino(*args, **kwargs):
 def _weights_file(fmt):
     """A writer of PyTorch-named weights (keras_resnet.model.weights): weights only, no
     preprocessing or class names in the file."""
-    def writer(model, output, *, image_size, class_ids, class_names, calibration=None):
+    def writer(model, output, **_):  # sizes, classes and calibration do not go in the file
         from keras_resnet.model import weights
 
         return weights.write_weights(model, output, fmt)
