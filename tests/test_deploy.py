@@ -137,6 +137,7 @@ def test_mixed_precision_and_logits_models_export_as_float32_probabilities(tmp_p
     assert np.abs(got - expected).max() < 1e-4  # float32 maths, not bfloat16 (~1e-2 off)
 
 
+@pytest.mark.slow  # every format end to end
 def test_predict_command_runs_each_format(sharp, tmp_path, capsys):
     from PIL import Image
 
@@ -209,6 +210,7 @@ def test_bad_input_gets_one_line_errors(sharp, tmp_path, capsys, monkeypatch):
             formats.load_runner(str(tmp_path / name))
 
 
+@pytest.mark.slow  # every format end to end
 def test_a_failed_export_leaves_the_previous_file_and_no_temporaries(sharp, tmp_path,
                                                                      monkeypatch, capsys):
     _, model_path = sharp
