@@ -38,6 +38,12 @@ def parse(define_flags, argv, *, prog, doc="", positional=False):
     return values, args
 
 
+def fail(message):
+    """A command's one-line error on stderr; returns exit status 1 (the input was wrong)."""
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
 def run(define_flags, main, argv=None, *, prog, doc="", positional=False):
     """Parses flags and runs `main(flag_values, args) -> exit status`; returns the exit status.
 

@@ -68,17 +68,17 @@ def main(flag_values, args):
             flag_values.dataset, "")
         source = sources.load_source(flag_values.dataset, data_dir)
         if source.val is None or not source.val.num_examples:
-            return _fail(f"no validation images for --dataset={flag_values.dataset} in {data_dir}.")
+            return cli.fail(f"no validation images for --dataset={flag_values.dataset} in {data_dir}.")
         strategy = _strategy(flag_values.distribution)
         if protocol.name == "full_image" and strategy.num_replicas_in_sync > 1:
-            return _fail("--protocol=full_image runs one image at a time; use "
+            return cli.fail("--protocol=full_image runs one image at a time; use "
                          "--distribution=one_device.")
         result = evaluate.evaluate_path(
             flag_values.weights, source.val, protocol, batch_size=flag_values.batch_size,
             depth=flag_values.depth, variant=flag_values.variant,
             num_classes=source.num_classes, strategy=strategy)
     except (WeightsError, sources.DataError, ValueError, OSError) as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     result["dataset"] = flag_values.dataset
     print(evaluate.format_table([result]))
     if flag_values.json:
@@ -96,11 +96,6 @@ def _strategy(distribution):
         return tf.distribute.MirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-
-
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    return 1
 
 
 def run(argv=None):

@@ -89,7 +89,7 @@ def main(flag_values, args):
         for module in fmt.converters:  # before the model loads: say at once what to install
             deploy.require(module, fmt.extra)
     except ImportError as e:
-        return _fail(str(e))
+        return cli.fail(str(e))
     logs.import_tensorflow()  # before any TensorFlow import: without its start-up noise
     import keras
 
@@ -100,10 +100,10 @@ def main(flag_values, args):
     if flag_values.model_dir:
         path = export.find_checkpoint(flag_values.model_dir)
         if path is None:
-            return _fail(f"no {' or '.join(export.CHECKPOINT_NAMES)} in {flag_values.model_dir}; train "
+            return cli.fail(f"no {' or '.join(export.CHECKPOINT_NAMES)} in {flag_values.model_dir}; train "
                          "first or pass --model=FILE.keras.")
     if not os.path.isfile(path):
-        return _fail(f"model file {path} not found.")
+        return cli.fail(f"model file {path} not found.")
     try:
         model = keras.saving.load_model(path, compile=False)
         trained = _run_eval_sizes(path)
@@ -111,7 +111,7 @@ def main(flag_values, args):
         resize_size = flag_values.resize_size or (
             trained.get("resize") if image_size == trained.get("crop") else 0) or 0
         if image_size is None:
-            return _fail(f"{path} takes images of any size; pass --image_size.")
+            return cli.fail(f"{path} takes images of any size; pass --image_size.")
         class_ids, class_names = export.load_classes_for(path, model.outputs[0].shape[-1],
                                                          flag_values.classes)
         calibration = _calibration(flag_values, image_size) if fmt.calibrated else None
@@ -119,7 +119,7 @@ def main(flag_values, args):
                              class_names=class_names, calibration=calibration,
                              resize_size=resize_size)
     except (ValueError, TypeError, OSError, ImportError, DataError) as e:
-        return _fail(str(e).splitlines()[0])
+        return cli.fail(str(e).splitlines()[0])
     print(written)
     return 0
 
@@ -141,11 +141,6 @@ def _run_eval_sizes(model_path):
         return {}
     crop = config.get("eval_image_size") or config.get("image_size")
     return {"crop": crop, "resize": config.get("eval_resize_size") or 0}
-
-
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    return 1
 
 
 def run(argv=None):

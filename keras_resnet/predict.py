@@ -34,7 +34,7 @@ def main(flag_values, images):
     if not images:
         raise cli.UsageError("name one or more image files after the flags.")
     if not os.path.exists(flag_values.model):
-        return _fail(f"model {flag_values.model} not found.")
+        return cli.fail(f"model {flag_values.model} not found.")
     tf = logs.import_tensorflow()  # without TensorFlow's start-up noise
 
     from keras_resnet.serving import predict as predict_lib
@@ -42,7 +42,7 @@ def main(flag_values, images):
     try:
         predict = predict_lib.load_predictor(flag_values.model, flag_values.image_size)
     except (ValueError, TypeError, OSError, ImportError) as e:  # ImportError: a runtime extra
-        return _fail(str(e).splitlines()[0])
+        return cli.fail(str(e).splitlines()[0])
 
     failed = 0
     for path in images:
@@ -61,11 +61,6 @@ def main(flag_values, images):
         for score, label, name in zip(scores, labels, names, strict=True):
             print(f"  {score:.4f}  {predict_lib.text(label)}  {predict_lib.text(name)}")
     return 1 if failed else 0
-
-
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    return 1
 
 
 def run(argv=None):
