@@ -254,7 +254,8 @@ def demo_run(tmp_path_factory):
         dataset="demo", data_dir=data_dir, depth=18, image_size=SIZE, batch_size=32, epochs=8,
         base_learning_rate=0.2, warmup_epochs=1, label_smoothing=0.0, model_dir=model_dir,
         export=False, mixed_precision="float32", distribution="one_device", verbose="2",
-        checkpoint_every_steps=1000, seed=0))  # not --deterministic: it is process-wide and would turn XLA off in later tests
+        # Not --deterministic: op determinism is process-wide and turns XLA off in later tests.
+        checkpoint_every_steps=1000, seed=0))
     val = load_source("demo", data_dir).val
     images = np.stack([preprocess_for_eval(tf.io.read_file(f), SIZE).numpy()
                        for f in val.files]).astype(np.float32)
@@ -306,8 +307,8 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt):
     drop = (expected == labels).mean() - (got == labels).mean()
     print(f"{fmt}: top-1 agreement {agreement:.3f}, accuracy drop {100 * drop:.1f} points")
     # The issue asks for >= 99% agreement and <= 1 point. Measured over runs of this fixture:
-    # litert_int8 97.6-99.6%, onnx_int8 98.4-100%, drops -0.4 to 2.0 points; so the bar held here is the one every measured run met, and issue #17
-    # stays open until int8 meets 99% on every run.
+    # litert_int8 97.6-99.6%, onnx_int8 98.4-100%, drops -0.4 to 2.0 points. The bar held here
+    # is the one every measured run met; issue #17 stays open until int8 meets 99% every run.
     assert agreement >= 0.97 and drop <= 0.03
     float_file = str(tmp_path / ("float" + os.path.splitext(name)[1]))
     assert export_cmd.run([f"--model_dir={model_dir}", f"--format={float_fmt}",
