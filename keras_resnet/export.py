@@ -106,10 +106,8 @@ def main(flag_values, args):
         return cli.fail(f"model file {path} not found.")
     try:
         model = keras.saving.load_model(path, compile=False)
-        trained = _run_eval_sizes(path)
-        image_size = flag_values.image_size or model.inputs[0].shape[1] or trained.get("crop")
-        resize_size = flag_values.resize_size or (
-            trained.get("resize") if image_size == trained.get("crop") else 0) or 0
+        image_size, resize_size = export.eval_sizes(path, model, flag_values.image_size,
+                                                    flag_values.resize_size)
         if image_size is None:
             return cli.fail(f"{path} takes images of any size; pass --image_size.")
         class_ids, class_names = export.load_classes_for(path, model.outputs[0].shape[-1],
@@ -130,17 +128,6 @@ def _calibration(flag_values, image_size):
     return calibration.calibration_images(
         flag_values.dataset, calibration.default_data_dir(flag_values.dataset, flag_values.data_dir),
         image_size=image_size, count=flag_values.calibration_images)
-
-
-def _run_eval_sizes(model_path):
-    """{"crop", "resize"} of the training run's evaluation (config.json beside the model), or {}."""
-    from keras_resnet.files import read_json
-
-    config = read_json(os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json"))
-    if not config:
-        return {}
-    crop = config.get("eval_image_size") or config.get("image_size")
-    return {"crop": crop, "resize": config.get("eval_resize_size") or 0}
 
 
 def run(argv=None):

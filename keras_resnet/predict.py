@@ -24,7 +24,11 @@ def define_flags(values):
     flags.DEFINE_string("model", None, "SavedModel (version or base directory), .onnx, .tflite "
                         "or OpenVINO .xml file, .keras file or model_dir.", flag_values=values)
     flags.DEFINE_integer("image_size", None, "Eval crop size for a .keras model (default: its "
-                         "input size).", flag_values=values)
+                         "input size, else its training run's --eval_image_size from config.json "
+                         "beside it, else 224).", flag_values=values)
+    flags.DEFINE_integer("resize_size", None, "Shorter side before the crop (default: the "
+                         "export's, or the training run's --eval_resize_size, else the crop x "
+                         "256/224).", flag_values=values)
 
 
 def main(flag_values, images):
@@ -40,7 +44,8 @@ def main(flag_values, images):
     from keras_resnet.serving import predict as predict_lib
 
     try:
-        predict = predict_lib.load_predictor(flag_values.model, flag_values.image_size)
+        predict = predict_lib.load_predictor(flag_values.model, flag_values.image_size,
+                                            flag_values.resize_size)
     except (ValueError, TypeError, OSError, ImportError) as e:  # ImportError: a runtime extra
         return cli.fail(str(e).splitlines()[0])
 

@@ -318,3 +318,77 @@ def test_predict_from_keras_checkpoint_reports_bad_files_as_the_saved_model_does
         f"error: cannot decode {truncated}: a truncated image ({len(jpeg) // 2} bytes, no end "
         "marker); send the whole file.",
         f"error: cannot decode {garbage}: not a JPEG, PNG, GIF, BMP or WebP image (14 bytes)."]
+
+
+@pytest.fixture(scope="module")
+def fixres_model_dir(tmp_path_factory):
+    """A FixRes run's directory: a model of any input size, trained at 32 and evaluated with a
+    40 crop of a 52 shorter side (config.json, as train_main writes it)."""
+    keras.utils.set_random_seed(0)
+    model = build_resnet(18, num_classes=len(CLASS_IDS), input_shape=(None, None, 3),
+                         include_preprocessing=True)
+    kernel = model.get_layer("predictions").kernel
+    kernel.assign(np.random.default_rng(0).normal(0, 0.3, kernel.shape).astype("float32"))
+    root = tmp_path_factory.mktemp("fixres_run")
+    model.save(root / "best.keras")
+    export.write_classes_json(root / "classes.json", CLASS_IDS, CLASS_NAMES)
+    (root / "config.json").write_text(
+        '{"image_size": 32, "train_image_size": 32, "eval_image_size": 40, '
+        '"eval_resize_size": 52}')
+    return root, model
+
+
+def _top5(model, image_bytes, image_size, resize_size):
+    pixels = preprocess_for_eval(image_bytes, image_size, resize_size=resize_size)
+    probs = export.probabilities_fn(model)(pixels[None])[0].numpy()
+    return probs[np.argsort(-probs, kind="stable")[:5]]
+
+
+def test_eval_sizes_come_from_the_flags_else_the_model_else_the_run(fixres_model_dir, model):
+    root, fixres = fixres_model_dir
+    path = str(root / "best.keras")
+    assert export.eval_sizes(path, fixres) == (40, 52)  # the run's eval crop and resize
+    assert export.eval_sizes(path, fixres, 48) == (48, 0)  # another crop: the default ratio
+    assert export.eval_sizes(path, fixres, 40, 60) == (40, 60)
+    assert export.eval_sizes(path, model) == (IMAGE_SIZE, 0)  # a fixed-size model: its size
+    assert export.eval_sizes(os.path.join(os.path.dirname(path), "none", "x.keras"),
+                             fixres) == (None, 0)  # no config.json: unknown
+
+
+def test_predict_keras_model_of_a_fixres_run_uses_the_runs_eval_sizes(fixres_model_dir, images):
+    from keras_resnet.serving import predict
+
+    root, model = fixres_model_dir
+    image = images["a.jpg"].read_bytes()
+    scores, labels, _ = predict.load_predictor(str(root / "best.keras"))(image)
+    want = _top5(model, image, 40, 52)
+    np.testing.assert_allclose(scores, want, rtol=0, atol=1e-6)
+    default = _top5(model, image, 224, 0)  # what it computed before: no sizes read from the run
+    assert np.abs(scores - default).max() > 1e-4  # the check above tells the two apart
+
+
+def test_predict_exported_file_crops_at_the_sizes_its_sidecar_records(images, monkeypatch,
+                                                                      tmp_path):
+    """An ONNX/LiteRT/OpenVINO file is run after the evaluation crop the export recorded."""
+    from keras_resnet.serving import deploy, predict
+    from keras_resnet.serving import formats as deploy_formats
+
+    seen = []
+
+    class Runner:  # stands in for a runtime: records the pixels it is given
+        image_size, class_ids, class_names = 40, CLASS_IDS, CLASS_NAMES
+
+        def __call__(self, pixels):
+            seen.append(pixels)
+            return np.full((len(pixels), len(CLASS_IDS)), 1 / len(CLASS_IDS), "float32")
+
+    path = str(tmp_path / "model.onnx")
+    deploy.write_sidecar(path, fmt="onnx", image_size=40, class_ids=CLASS_IDS,
+                         class_names=CLASS_NAMES, resize_size=52)
+    monkeypatch.setattr(deploy_formats, "load_runner", lambda p, threads=0: Runner())
+    image = images["a.jpg"].read_bytes()
+    predict.load_predictor(path)(image)
+    np.testing.assert_array_equal(seen[-1][0], preprocess_for_eval(image, 40, resize_size=52))
+    assert not np.array_equal(seen[-1][0], preprocess_for_eval(image, 40))
+    predict.load_predictor(path, resize_size=60)(image)  # the flag overrides the sidecar
+    np.testing.assert_array_equal(seen[-1][0], preprocess_for_eval(image, 40, resize_size=60))

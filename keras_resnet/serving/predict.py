@@ -17,16 +17,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.serving import export
+from keras_resnet.serving import deploy, export
 from keras_resnet.serving import formats as deploy_formats
 from pipelines import formats
 from pipelines.preprocessing import preprocess_for_eval
 
 
-def load_predictor(path, image_size=None):
-    """Returns `predict(image_bytes) -> (scores, labels, names)`, the top 5 for one image."""
+def load_predictor(path, image_size=None, resize_size=None):
+    """Returns `predict(image_bytes) -> (scores, labels, names)`, the top 5 for one image.
+
+    A .keras model is evaluated at `image_size` / `resize_size`, else at its training run's
+    evaluation sizes (export.eval_sizes), else at 224 / 256. An exported file or SavedModel
+    carries its own sizes; a `resize_size` given overrides an exported file's."""
     if deploy_formats.is_deploy_file(path):
-        return _file_predictor(deploy_formats.load_runner(path))
+        side = deploy.read_sidecar(path) or {}  # the export's sizes (ONNX metadata has none)
+        return _file_predictor(deploy_formats.load_runner(path),
+                               resize_size or side.get("resize_size", 0))
     saved_model = export.latest_version_dir(path) if os.path.isdir(path) else None
     if saved_model:
         serve = tf.saved_model.load(saved_model).signatures["serving_default"]
@@ -42,7 +48,8 @@ def load_predictor(path, image_size=None):
         raise ValueError(f"{path} is neither a SavedModel, an export directory with versions, "
                          "a .keras file nor a directory with best.keras / latest.keras.")
     model = keras.saving.load_model(checkpoint, compile=False)
-    image_size = image_size or model.inputs[0].shape[1] or 224
+    image_size, resize_size = export.eval_sizes(checkpoint, model, image_size, resize_size)
+    image_size = image_size or 224
     num_classes = model.outputs[0].shape[-1]
     class_ids, class_names = export.load_classes_for(checkpoint, num_classes)
     probabilities = export.probabilities_fn(model)
@@ -50,7 +57,8 @@ def load_predictor(path, image_size=None):
 
     def predict(image_bytes):
         _check_image_bytes(image_bytes)  # the checks the SavedModel makes, with the same words
-        pixels = preprocess_for_eval(image_bytes, image_size, recover_truncated=False)
+        pixels = preprocess_for_eval(image_bytes, image_size, recover_truncated=False,
+                                     resize_size=resize_size)
         probs = probabilities(pixels[None])[0].numpy()
         top = np.argsort(-probs, kind="stable")[:k]
         return probs[top], [class_ids[i] for i in top], [class_names[i] for i in top]
@@ -58,13 +66,15 @@ def load_predictor(path, image_size=None):
     return predict
 
 
-def _file_predictor(runner):
-    """The model runs in its own runtime; decoding and cropping are the evaluation pipeline's."""
+def _file_predictor(runner, resize_size=0):
+    """The model runs in its own runtime; decoding and cropping are the evaluation pipeline's.
+    resize_size: the shorter side before the crop (0: runner.image_size x 256/224)."""
     k = min(export.TOP_K, len(runner.class_ids))
 
     def predict(image_bytes):
         _check_image_bytes(image_bytes)
-        pixels = preprocess_for_eval(image_bytes, runner.image_size, recover_truncated=False)
+        pixels = preprocess_for_eval(image_bytes, runner.image_size, recover_truncated=False,
+                                     resize_size=resize_size)
         probs = runner(tf.cast(pixels, tf.float32)[None].numpy())[0]
         top = np.argsort(-probs, kind="stable")[:k]
         return probs[top], [runner.class_ids[i] for i in top], [runner.class_names[i] for i in top]
