@@ -68,7 +68,30 @@ def magnitude_table(kind: str, num_bins: int = 31, image_size: int = 224) -> np.
     return np.stack([rows.get(op, np.zeros(num_bins)) for op in OPS]).astype(np.float32)
 
 
-# ----- the ops: float32 images in [0, 255], [H, W, 3]; torchvision's tensor definitions -----
+# ----- the ops: uint8 images [H, W, 3] in, uint8 out; torchvision's tensor definitions -----
+# Each op equals its plain float32 definition (tests/augment_reference.py, the code these replaced)
+# bit for bit; they are written to do fewer passes over the image: per-value ops are a 256-entry
+# lookup table computed with the reference's float arithmetic, translations a slice and a pad,
+# shears a blend of two gathered neighbours with the projective transform's own coordinates.
+
+def _lut(image, table):
+    """table[image]: table uint8 [256] (all channels) or [3, 256] (per channel)."""
+    index = tf.cast(image, tf.int32)
+    if table.shape.rank == 2:
+        index += tf.constant([0, 256, 512])
+    return tf.gather(tf.reshape(table, [-1]), index)
+
+
+def _levels():  # the 256 uint8 levels as float32 (a function: no tensor at import time)
+    return tf.range(256, dtype=tf.float32)
+
+
+def _blend_levels(degenerate, factor):
+    """`_blend` of each of the 256 levels with a scalar (or [3, 1]) degenerate, as uint8."""
+    levels = _levels()
+    out = tf.floor(tf.clip_by_value(factor * levels + (1.0 - factor) * degenerate, 0.0, 255.0))
+    return tf.cast(out, tf.uint8)
+
 
 def _blend(image, degenerate, factor):
     """torchvision `_blend`: factor * image + (1 - factor) * degenerate, clipped, truncated."""
@@ -76,8 +99,8 @@ def _blend(image, degenerate, factor):
 
 
 def _grayscale(image):
-    """torchvision rgb_to_grayscale on uint8 (truncated), [H, W, 1]."""
-    r, g, b = tf.unstack(image, axis=-1)
+    """torchvision rgb_to_grayscale on uint8 (truncated), float32 [H, W, 1]."""
+    r, g, b = tf.unstack(tf.cast(image, tf.float32), axis=-1)
     return tf.floor(0.2989 * r + 0.587 * g + 0.114 * b)[..., None]
 
 
@@ -85,26 +108,66 @@ def _affine(image, matrix, interpolation):
     """Samples input (x, y) = matrix @ (x_out, y_out, 1) for each output pixel; fill 0."""
     shape = tf.shape(image)
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=tf.concat([matrix, tf.zeros([2])], 0)[None],
-        output_shape=shape[:2], fill_value=0.0, interpolation=interpolation.upper(),
-        fill_mode="CONSTANT")[0]
-    return tf.round(out) if interpolation == "bilinear" else out
+        images=tf.cast(image, tf.float32)[None],
+        transforms=tf.concat([matrix, tf.zeros([2])], 0)[None], output_shape=shape[:2],
+        fill_value=0.0, interpolation=interpolation.upper(), fill_mode="CONSTANT")[0]
+    return tf.cast(tf.round(out) if interpolation == "bilinear" else out, tf.uint8)
+
+
+def _round_half_away(x):  # std::round, as the projective transform's nearest neighbour
+    a = tf.abs(x)
+    whole = tf.floor(a)
+    return tf.sign(x) * (whole + tf.cast(a - whole >= 0.5, tf.float32))
+
+
+def _shear_rows(image, m, interp):
+    """Output (x, y) samples input (x + m * y, y): one row at a time, with the coordinates, the
+    weights and the fill of the projective transform (bilinear: two horizontal neighbours, as the
+    vertical weight is exactly 0)."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    rows = tf.range(h, dtype=tf.float32)[:, None]
+    cols = tf.range(w, dtype=tf.float32)[None, :]
+    x = cols + m * rows  # the transform's 1 * x + m * y + 0, in float32
+    padded = tf.pad(image, [[0, 0], [1, 1], [0, 0]])  # index 0 and w + 1: the fill 0
+
+    def column(index):  # input column `index` (float), fill outside; [H, W, 3]
+        index = tf.cast(tf.clip_by_value(index + 1.0, 0.0, tf.cast(w + 1, tf.float32)), tf.int32)
+        return tf.gather(padded, index, axis=1, batch_dims=1)
+
+    if interp == "nearest":
+        return column(_round_half_away(x))
+    x_floor = tf.floor(x)
+    left, right = (tf.cast(column(i), tf.float32) for i in (x_floor, x_floor + 1.0))
+    value = (x_floor + 1.0 - x)[..., None] * left + (x - x_floor)[..., None] * right
+    return tf.cast(tf.round(value), tf.uint8)
 
 
 def _shear_x(image, m, interp):  # F.affine(shear=[degrees(atan(m)), 0], center=[0, 0])
-    return _affine(image, tf.stack([1.0, m, 0.0, 0.0, 1.0, 0.0]), interp)
+    return _shear_rows(image, m, interp)
 
 
-def _shear_y(image, m, interp):
-    return _affine(image, tf.stack([1.0, 0.0, 0.0, m, 1.0, 0.0]), interp)
+def _shear_y(image, m, interp):  # output (x, y) samples (x, m * x + y): the transposed shear
+    return tf.transpose(_shear_rows(tf.transpose(image, [1, 0, 2]), m, interp), [1, 0, 2])
 
 
-def _translate_x(image, m, interp):  # translate=[int(m), 0]: output x samples input x - m
-    return _affine(image, tf.stack([1.0, 0.0, -tf.truncatediv(m, 1.0), 0.0, 1.0, 0.0]), interp)
+def _shift(image, m, axis):
+    """Moves the image by int(m) pixels along `axis` (torchvision truncates), fill 0."""
+    n = tf.shape(image)[axis]
+    k = tf.clip_by_value(tf.cast(m, tf.int32), -n, n)
+    paddings = [[0, 0], [0, 0], [0, 0]]
+    paddings[axis] = [tf.maximum(k, 0), tf.maximum(-k, 0)]
+    begin, size = [0, 0, 0], [-1, -1, -1]
+    begin[axis], size[axis] = tf.maximum(-k, 0), n
+    return tf.slice(tf.pad(image, paddings), begin, size)
 
 
-def _translate_y(image, m, interp):
-    return _affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, -tf.truncatediv(m, 1.0)]), interp)
+def _translate_x(image, m, _):  # translate=[int(m), 0]: output x samples input x - int(m)
+    return _shift(image, m, 1)
+
+
+def _translate_y(image, m, _):
+    return _shift(image, m, 0)
 
 
 def _rotate(image, degrees, interp):
@@ -118,58 +181,64 @@ def _rotate(image, degrees, interp):
                                     sin, cos, cy - sin * cx - cos * cy]), interp)
 
 
-def _brightness(image, m, _):
-    return _blend(image, tf.zeros_like(image), 1.0 + m)
+def _brightness(image, m, _):  # blend with black: a function of the level alone
+    return _lut(image, _blend_levels(0.0, 1.0 + m))
 
 
 def _color(image, m, _):
-    return _blend(image, _grayscale(image), 1.0 + m)
+    out = _blend(tf.cast(image, tf.float32), _grayscale(image), 1.0 + m)
+    return tf.cast(out, tf.uint8)
 
 
-def _contrast(image, m, _):
-    return _blend(image, tf.reduce_mean(_grayscale(image)), 1.0 + m)
+def _contrast(image, m, _):  # blend with the mean grey level: a function of the level alone
+    return _lut(image, _blend_levels(tf.reduce_mean(_grayscale(image)), 1.0 + m))
 
 
 def _sharpness(image, m, _):
+    image = tf.cast(image, tf.float32)
     kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
     kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
     blurred = tf.round(tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0])
     # The border keeps its pixels (torchvision pads the smoothed interior with the original).
     degenerate = tf.pad(blurred, [[1, 1], [1, 1], [0, 0]])
     interior = tf.pad(tf.ones_like(blurred), [[1, 1], [1, 1], [0, 0]]) > 0
-    return _blend(image, tf.where(interior, degenerate, image), 1.0 + m)
+    return tf.cast(_blend(image, tf.where(interior, degenerate, image), 1.0 + m), tf.uint8)
 
 
 def _posterize(image, bits, _):
     mask = 256 - tf.bitwise.left_shift(1, 8 - tf.cast(bits, tf.int32))  # keep the top `bits`
-    return tf.cast(tf.bitwise.bitwise_and(tf.cast(image, tf.int32), mask), tf.float32)
+    return tf.bitwise.bitwise_and(image, tf.cast(mask, tf.uint8))
 
 
 def _solarize(image, threshold, _):
-    return tf.where(image >= threshold, 255.0 - image, image)
+    levels = _levels()
+    return _lut(image, tf.cast(tf.where(levels >= threshold, 255.0 - levels, levels), tf.uint8))
 
 
 def _autocontrast(image, m, _):
-    low = tf.reduce_min(image, axis=[0, 1], keepdims=True)
-    high = tf.reduce_max(image, axis=[0, 1], keepdims=True)
+    low = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float32)[:, None]  # [3, 1]
+    high = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float32)[:, None]
     flat = tf.equal(low, high)
     low, high = tf.where(flat, 0.0, low), tf.where(flat, 255.0, high)
-    return tf.floor(tf.clip_by_value((image - low) * (255.0 / (high - low)), 0.0, 255.0))
+    table = tf.floor(tf.clip_by_value((_levels() - low) * (255.0 / (high - low)), 0.0, 255.0))
+    return _lut(image, tf.cast(table, tf.uint8))
 
 
-def _equalize_channel(channel):
-    values = tf.cast(channel, tf.int32)
-    hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
+def _equalize_table(channel):
+    """torchvision's equalize lookup table of one channel: int32 [256]."""
+    hist = tf.math.bincount(tf.reshape(tf.cast(channel, tf.int32), [-1]), minlength=256,
+                            maxlength=256)
     last_nonzero = tf.gather(hist, tf.reduce_max(tf.where(hist > 0)))
     step = (tf.reduce_sum(hist) - tf.cast(last_nonzero, tf.int32)) // 255
     safe = tf.maximum(step, 1)
     lut = (tf.cumsum(hist) + safe // 2) // safe
     lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
-    return tf.where(step == 0, channel, tf.cast(tf.gather(lut, values), tf.float32))
+    return tf.where(step == 0, tf.range(256), lut)  # step 0: the channel as it is
 
 
 def _equalize(image, m, _):
-    return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
+    tables = tf.stack([_equalize_table(image[..., c]) for c in range(3)])
+    return _lut(image, tf.cast(tables, tf.uint8))
 
 
 _OP_FNS = {"Identity": lambda image, m, _: image, "ShearX": _shear_x, "ShearY": _shear_y,
@@ -180,7 +249,9 @@ _OP_FNS = {"Identity": lambda image, m, _: image, "ShearX": _shear_x, "ShearY": 
 
 
 def apply_op(image, op_index, magnitude, interpolation: str = "bilinear") -> tf.Tensor:
-    """Applies OPS[op_index] with a (signed) magnitude to a float32 [H, W, 3] image in [0, 255]."""
+    """Applies OPS[op_index] with a (signed) magnitude to a uint8 [H, W, 3] image."""
+    image = tf.convert_to_tensor(image)
+    magnitude = tf.cast(magnitude, tf.float32)
     branches = [lambda op=op: _OP_FNS[op](image, magnitude, interpolation) for op in OPS]
     out = tf.switch_case(tf.cast(op_index, tf.int32), branches)
     out.set_shape(image.shape)
@@ -204,8 +275,7 @@ def _draw_op(table, seed, magnitude_bin=None):
 def trivial_augment_wide(image, seed, num_bins: int = 31, interpolation: str = "bilinear"):
     """torchvision TrivialAugmentWide on a uint8 [H, W, 3] image: one op, a random bin."""
     op, magnitude = _draw_op(magnitude_table("ta_wide", num_bins), seed)
-    out = apply_op(tf.cast(image, tf.float32), op, magnitude, interpolation)
-    return tf.cast(out, tf.uint8)
+    return apply_op(image, op, magnitude, interpolation)
 
 
 def rand_augment(image, seed, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31,
@@ -213,11 +283,11 @@ def rand_augment(image, seed, num_ops: int = 2, magnitude: int = 9, num_bins: in
     """torchvision RandAugment(num_ops, magnitude) on a uint8 [S, S, 3] image (static size)."""
     size = image.shape[1] or 224
     table = magnitude_table("randaugment", num_bins, size)
-    out = tf.cast(image, tf.float32)
+    out = image
     for s in tf.unstack(tf.random.experimental.stateless_split(seed, num_ops)):
         op, m = _draw_op(table, s, tf.constant(magnitude, tf.int32))
         out = apply_op(out, op, m, interpolation)
-    return tf.cast(out, tf.uint8)
+    return out
 
 
 def erase_box(image_shape, seed, scale=(0.02, 0.33), ratio=(0.3, 3.3)):

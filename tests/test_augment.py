@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from pipelines import augment as A
 from pipelines import dataset as ds_lib
+from tests import augment_reference as reference
 
 
 def random_image(seed, size=32):
@@ -64,7 +65,7 @@ def test_ta_wide_applies_exactly_the_drawn_op():
     table = A.magnitude_table("ta_wide", 31)
     for s in seeds(20, salt=2):
         op, m = A._draw_op(table, s)
-        want = tf.cast(A.apply_op(tf.cast(image, tf.float32), op, m), tf.uint8)
+        want = A.apply_op(image, op, m)
         np.testing.assert_array_equal(A.trivial_augment_wide(image, s), want)
 
 
@@ -76,7 +77,7 @@ def test_randaugment_uses_the_fixed_magnitude_bin():
 
 
 def test_ops_keep_range_shape_and_identity_at_zero():
-    image = tf.cast(random_image(2), tf.float32)
+    image = random_image(2)
     for i, name in enumerate(A.OPS):
         out = A.apply_op(image, i, 0.0 if name in A.SIGNED else
                          {"Posterize": 8.0, "Solarize": 256.0}.get(name, 0.0))
@@ -87,9 +88,42 @@ def test_ops_keep_range_shape_and_identity_at_zero():
     np.testing.assert_array_equal(shifted[:, 5:], image[:, :-5])  # moves right by int(m)
     np.testing.assert_array_equal(shifted[:, :5], 0)  # fill 0
     solarized = A.apply_op(image, A.OPS.index("Solarize"), 128.0)
+    image = np.asarray(image)
     np.testing.assert_array_equal(solarized, np.where(image >= 128, 255 - image, image))
     posterized = A.apply_op(image, A.OPS.index("Posterize"), 2.0)
-    np.testing.assert_array_equal(posterized, np.asarray(image, np.int32) & 0xC0)
+    np.testing.assert_array_equal(posterized, image & 0xC0)
+    # torchvision's int(magnitude): 5.7 moves by 5, -5.7 by -5 (also inside a graph).
+    translate = tf.function(lambda x, m: A.apply_op(x, A.OPS.index("TranslateX"), m))
+    np.testing.assert_array_equal(translate(image, tf.constant(5.7)), shifted)
+    np.testing.assert_array_equal(translate(image, tf.constant(-5.7))[:, :-5], image[:, 5:])
+
+
+def test_ops_match_the_reference_definitions_exactly():
+    """The fast uint8 ops against their plain float32 definitions (tests/augment_reference.py),
+    in a graph as tf.data runs them: every op, both signs, several magnitudes, both
+    interpolations, on odd-sized and square random images and on a low-contrast one (flat and
+    narrow histograms for AutoContrast / Equalize). Equal bit for bit: the fast ops compute the
+    same float32 expressions (the lookup tables on the 256 levels, the shears with the projective
+    transform's coordinates and weights), so no rounding may differ."""
+    fast = tf.function(lambda x, op, m, interp: A.apply_op(x, op, m, interp))
+    slow = tf.function(lambda x, op, m, interp: tf.cast(
+        reference.apply_op(tf.cast(x, tf.float32), op, m, interp), tf.uint8))
+    images = [random_image(11, 33), random_image(12, 24),
+              tf.cast(tf.random.stateless_uniform([20, 27, 3], [13, 7], 90, 140, tf.int32),
+                      tf.uint8),
+              tf.concat([tf.fill([16, 16, 1], tf.constant(77, tf.uint8)),
+                         random_image(14, 16)[..., :2]], -1)]
+    for kind, size in (("ta_wide", 224), ("randaugment", 33)):
+        table = A.magnitude_table(kind, 31, size)
+        for op, name in enumerate(A.OPS):
+            for b in (1, 13, 30):
+                for sign in ((1.0, -1.0) if name in A.SIGNED else (1.0,)):
+                    m, i = tf.constant(sign * table[op, b]), tf.constant(op)  # tensors: one trace
+                    for interp in A.INTERPOLATIONS:
+                        for image in images:
+                            np.testing.assert_array_equal(
+                                fast(image, i, m, interp), slow(image, i, m, interp),
+                                err_msg=f"{name} m={float(m)} {interp} {image.shape}")
 
 
 # ----- random erasing -----
