@@ -9,10 +9,10 @@ same travel in `<FILE>.json`.
 (`onnxruntime.quantization.quantize_static`): QDQ format, weights int8 per channel, activations
 int8 per tensor, their ranges from calibration images of the training split; float32 in and out.
 Two choices bring its top-1 close to the issue's bar (>= 99% agreement with the Keras model, <= 1
-point of accuracy lost on the demo validation split). Measured over five trainings of the tests'
-demo model (250 images, one = 0.4%): min/max ranges over the whole graph agreed on 98.0-99.6% and
-lost up to 1.2 points; with these choices 98.8-100% (one training at 98.8%, three images) and at
-most 0.4 points:
+point of accuracy lost on the demo validation split). Measured over trainings of the tests' demo
+model (250 images, one = 0.4%): min/max ranges over the whole graph agreed on 98.0-99.6% and lost
+up to 1.2 points (five trainings); with these choices 98.8-100% (one training of six at 98.8%,
+three images) and at most 0.8 points:
   - activation ranges leave out the most extreme 0.001% of the calibration values
     (`CalibrationMethod.Percentile`, 99.999), not min/max, so a few outliers do not stretch a
     range and coarsen every other value;
