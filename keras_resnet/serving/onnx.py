@@ -18,9 +18,8 @@ three images) and at most 0.8 points:
     range and coarsen every other value;
   - the few ops before the first convolution (the normalisation: Sub, Mul, Div, and the layout
     Transpose) and after the last one (the last block's residual Add, global pooling, the
-    classifier's Gemm or MatMul, Softmax) stay float32 (`float_nodes`): the input in 0..255, the
-    pooled features and the logits are what int8 per tensor resolves worst for the top-1, and these
-    ops cost almost nothing next to the convolutions. Every Conv stays int8.
+    classifier's Gemm or MatMul, Softmax) stay float32 (`float_nodes`): the logits decide the
+    top-1, and these ops cost almost nothing next to the convolutions. Every Conv stays int8.
 
 Keras's own `model.export(format="onnx")` is not used: it leaves the Normalization layer's mean and
 variance as extra graph inputs that a client would have to feed. Freezing the traced function
