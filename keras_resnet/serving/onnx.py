@@ -11,7 +11,7 @@ int8 per tensor, their ranges from calibration images of the training split; flo
 Two choices bring its top-1 close to the issue's bar (>= 99% agreement with the Keras model, <= 1
 point of accuracy lost on the demo validation split). Measured over trainings of the tests' demo
 model (250 images, one = 0.4%): min/max ranges over the whole graph agreed on 98.0-99.6% and lost
-up to 1.2 points (five trainings); with these choices 98.8-100% (one training of six at 98.8%,
+up to 1.2 points (five trainings); with these choices 98.8-100% (one training of seven at 98.8%,
 three images) and at most 0.8 points:
   - activation ranges leave out the most extreme 0.001% of the calibration values
     (`CalibrationMethod.Percentile`, 99.999), not min/max, so a few outliers do not stretch a
