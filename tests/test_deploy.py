@@ -306,17 +306,44 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt):
     agreement = (got == expected).mean()
     drop = (expected == labels).mean() - (got == labels).mean()
     print(f"{fmt}: top-1 agreement {agreement:.3f}, accuracy drop {100 * drop:.1f} points")
-    # The issue asks for >= 99% agreement and <= 1 point. Measured over runs of this fixture:
-    # litert_int8 97.6-99.6%, onnx_int8 98.4-100%, drops -0.4 to 2.0 points. The bar held here
-    # is the one every measured run met; issue #17 stays open until int8 meets 99% every run.
-    assert agreement >= 0.97 and drop <= 0.03
+    # The issue asks for >= 99% agreement and <= 1 point. Measured on seven trainings of this
+    # fixture (seeds 0-4 and two runs of this test; 250 validation images, one image = 0.4%):
+    # litert_int8 (residual adds, normalisation and head float32) 98.8-100%, drops -0.4 to 0.8
+    # points; onnx_int8 (percentile ranges, normalisation and head float32) 98.8-100%, drops
+    # -0.4 to 0.8; each format at 98.8% (3 images) on one training of seven. Full-integer /
+    # min-max before: 98.0-99.6%, drops up to 1.2 points (five trainings). The bar is what every
+    # measured run met; issue #17 stays open on the 99%.
+    assert agreement >= 0.988 and drop <= 0.01
     float_file = str(tmp_path / ("float" + os.path.splitext(name)[1]))
     assert export_cmd.run([f"--model_dir={model_dir}", f"--format={float_fmt}",
                            f"--output={float_file}"]) == 0
     assert os.path.getsize(output) < 0.35 * os.path.getsize(float_file)  # int8 weights
     if fmt == "litert_int8":
-        # Full integer: every tensor inside is int8/int32 (weights, activations, biases); only
-        # the float32 input and output (around their quantize/dequantize ops) remain float.
-        details = runner.interpreter.get_tensor_details()
-        float_tensors = [t["name"] for t in details if t["dtype"] == np.float32]
-        assert len(float_tensors) <= 2, float_tensors
+        # Every op is an int8 kernel but the input's normalisation and the classifier head, kept
+        # float32 on purpose (litert.FLOAT_OPS: accuracy over full integer), and the quantize and
+        # dequantize ops between the two worlds.
+        from keras_resnet.serving import litert
+
+        dtypes = {t["index"]: t["dtype"] for t in runner.interpreter.get_tensor_details()}
+        ops = [op for op in runner.interpreter._get_ops_details() if op["op_name"] != "DELEGATE"]
+        names = [op["op_name"] for op in ops]
+        assert names.count("CONV_2D") == 20, names
+        for op in ops:
+            kinds = {dtypes[i] for i in [*op["inputs"], *op["outputs"]] if i >= 0}
+            if op["op_name"] in litert.FLOAT_OPS:  # float32 data (int32 only for axes)
+                assert np.float32 in kinds and np.int8 not in kinds, op
+            elif op["op_name"] not in ("QUANTIZE", "DEQUANTIZE"):
+                assert np.float32 not in kinds, op
+    else:  # every Conv reads int8 (quantize/dequantize pairs around it), the head is float32
+        import onnx
+
+        from keras_resnet.serving import onnx as onnx_format
+
+        proto = onnx.load(output)
+        made_by = {out: node for node in proto.graph.node for out in node.output}
+        convs = [node for node in proto.graph.node if node.op_type == "Conv"]
+        assert len(convs) == 20
+        for conv in convs:
+            assert all(made_by[i].op_type == "DequantizeLinear" for i in conv.input[:2]), conv.name
+        (softmax,) = [node for node in proto.graph.node if node.op_type == "Softmax"]
+        assert made_by[softmax.input[0]].op_type in onnx_format.FLOAT_OPS

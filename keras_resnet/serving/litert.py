@@ -1,15 +1,29 @@
-"""LiteRT (TFLite) export, float32 or full-integer int8, and inference in the LiteRT runtime.
+"""LiteRT (TFLite) export, float32 or int8, and inference in the LiteRT runtime.
 
 Both files take `images` float32 [N, S, S, 3] and return `probabilities` float32 [N, C] (the
 contract in serving/deploy.py), through the signature `serving_default`. The int8 file is
 quantized after training from calibration images of the training split: weights int8 per channel,
-activations int8 per tensor, every op an int8 kernel (`TFLITE_BUILTINS_INT8` only, so conversion
-fails rather than leave an op in float); a quantize op after the input and a dequantize op before
-the output keep the float32 contract, so clients need no scale or zero point.
+activations int8 per tensor (ranges: min/max over the calibration images); every convolution
+(with its ReLU), padding and max pooling is an int8 kernel.
+
+It is not full-integer, although the issue asked for full-integer where the runtime supports it
+(LiteRT does). The op types in `FLOAT_OPS` stay float32: the input's normalisation (SUB, MUL,
+DIV), the residual additions (ADD: each block's output is dequantized, added in float32 and
+quantized again) and the head (MEAN, FULLY_CONNECTED, SOFTMAX). Why, measured on the demo
+validation split (250 images, one = 0.4%) over trainings of the tests' demo model: full-integer
+agreed with the Keras top-1 on 98.0-99.6% of the images (five trainings); normalisation and head
+alone in float32, 98.8% on four trainings of five; with the residual additions in float32 too,
+98.8-100%, at most 0.8 points lost (seven trainings, 98.8% on one; the issue's bar: >= 99%,
+<= 1 point).
+Accuracy was chosen over full integer. A client still feeds float32 and reads float32 (no scale
+or zero point); an integer-only accelerator (Edge TPU, some NPUs) would have to leave the float
+ops to the CPU.
 
 Converted by TensorFlow's own converter (`tf.lite.TFLiteConverter`, from a SavedModel as Keras's
-`model.export(format="litert")` does, but of `deploy.deploy_model`); run by `ai-edge-litert`,
-LiteRT's standalone runtime, which needs no TensorFlow.
+`model.export(format="litert")` does, but of `deploy.deploy_model`); the ops are kept float by the
+converter's quantization debugger (`tf.lite.experimental.QuantizationDebugger`, its public way to
+leave op types out of quantization). Run by `ai-edge-litert`, LiteRT's standalone runtime, which
+needs no TensorFlow.
 """
 
 from __future__ import annotations
@@ -23,6 +37,8 @@ from keras_resnet import files
 from keras_resnet.serving import deploy
 
 SIGNATURE = "serving_default"
+# litert_int8: TFLite op types left in float32 (normalisation, residual additions, head); see above.
+FLOAT_OPS = ("SUB", "MUL", "DIV", "ADD", "MEAN", "FULLY_CONNECTED", "SOFTMAX")
 
 
 def to_tflite(model, *, image_size, calibration=None):
@@ -38,11 +54,18 @@ def to_tflite(model, *, image_size, calibration=None):
         archive.add_endpoint(SIGNATURE, serve)
         archive.write_out(saved_model, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model, [SIGNATURE])
-        if calibration is not None:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = lambda: ([image] for image in calibration())
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        return converter.convert()
+        if calibration is None:
+            return converter.convert()
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image] for image in calibration())
+        # The debugger calibrates once (converter.convert() in calibrate-only mode), then
+        # quantizes every op but FLOAT_OPS; fully_quantize=False keeps float32 input and output.
+        # No model_debug_metrics: it does not convert a float model or run any images itself.
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter,
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(
+                denylisted_ops=list(FLOAT_OPS), fully_quantize=False))
+        return debugger.get_nondebug_quantized_model()
 
 
 def write_litert(model, output, *, image_size, class_ids, class_names, calibration=None,
