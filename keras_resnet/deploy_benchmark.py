@@ -34,8 +34,8 @@ def define_flags(values):
     flags.DEFINE_string("model_dir", None, "Training directory (best.keras, else latest.keras).",
                         flag_values=values)
     flags.DEFINE_string("model", None, "A .keras file (instead of --model_dir).", flag_values=values)
-    flags.DEFINE_list("formats", [ANCHOR, *formats.FORMATS], "What to compare: keras (the anchor) "
-                      f"and any of {', '.join(formats.FORMATS)}.", flag_values=values)
+    flags.DEFINE_list("formats", [ANCHOR, *formats.RUNNABLE], "What to compare: keras (the anchor) "
+                      f"and any of {', '.join(formats.RUNNABLE)}.", flag_values=values)
     flags.DEFINE_string("dataset", "demo", "Dataset whose validation split is measured and whose "
                         "training split calibrates the int8 formats.", flag_values=values)
     flags.DEFINE_string("data_dir", None, "Its directory (default: data/imagenet, data/demo).",
@@ -174,9 +174,10 @@ def main(flag_values, args):
     if bool(flag_values.model) == bool(flag_values.model_dir):
         raise cli.UsageError("pass exactly one of --model=FILE.keras or --model_dir=DIR.")
     for name in flag_values.formats:
-        if name != ANCHOR and name not in formats.FORMATS:
-            raise cli.UsageError(f"Unknown format. Received: {name!r}; valid: {ANCHOR}, "
-                                 f"{', '.join(formats.FORMATS)}.")
+        if name != ANCHOR and name not in formats.RUNNABLE:
+            kind = "a weights-only file no runtime serves" if name in formats.FORMATS else "unknown"
+            raise cli.UsageError(f"--formats: {name!r} is {kind}; valid: {ANCHOR}, "
+                                 f"{', '.join(formats.RUNNABLE)}.")
     import keras
 
     from keras_resnet.serving import export

@@ -80,3 +80,25 @@ def test_loss_ignores_weight_zero_padding():
     assert float(loss(np.array([0, 1]), probs, sample_weight=np.array([1.0, 0.0]))) == \
         pytest.approx(alone, rel=1e-6)
     assert alone == pytest.approx(-math.log(0.7), rel=1e-6)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_sgd_steps_exactly_as_keras_sgd(nesterov):
+    import keras
+
+    from keras_resnet.training.sgd import SGD
+
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=(3, 3, 4, 8)).astype("float32"), rng.normal(size=(8,)).astype("float32")]
+    grads = [[rng.normal(size=w.shape).astype("float32") for w in start] for _ in range(5)]
+    schedule = WarmupSchedule(peak_lr=0.4, total_steps=10, warmup_steps=2)
+    ends = []
+    for optimizer in (SGD(schedule, momentum=0.9, nesterov=nesterov),
+                      keras.optimizers.SGD(schedule, momentum=0.9, nesterov=nesterov)):
+        variables = [keras.Variable(w) for w in start]
+        for step in grads:
+            optimizer.apply(step, variables)
+        ends.append([v.numpy() for v in variables])
+    for fused, keras_sgd, w in zip(*ends, start, strict=True):
+        assert not np.allclose(fused, w)  # it stepped
+        np.testing.assert_allclose(fused, keras_sgd, rtol=1e-6, atol=1e-6)

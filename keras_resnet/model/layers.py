@@ -1,7 +1,8 @@
-"""BatchNormalization computed by TensorFlow's fused kernel, with Keras's variables and maths.
+"""Keras layers and regularizers computed by TensorFlow's fused ops, with Keras's variables and
+maths: BatchNormalization by FusedBatchNormV3, the L2 weight penalty by L2Loss.
 
-Kept apart from model.py, which uses Keras APIs only: this is the one backend-specific piece, and
-on any other backend (or for masks, synchronized BN, renorm) it runs Keras's own code.
+Kept apart from resnet.py, which uses Keras APIs only: these are the backend-specific pieces, and
+on any other backend (or for masks, synchronized BN, renorm, an L1 term) they run Keras's code.
 """
 
 import keras
@@ -43,3 +44,21 @@ class FusedBatchNormalization(layers.BatchNormalization):
             variance=self.moving_variance.value, epsilon=self.epsilon, data_format="NHWC",
             is_training=False)
         return outputs
+
+
+@keras.saving.register_keras_serializable(package="keras_resnet")
+class L1L2(keras.regularizers.L1L2):
+    """Keras's `L1L2` (`l1 * sum(|w|) + l2 * sum(w**2)`), its L2 term by TensorFlow's L2Loss op.
+
+    Keras writes the L2 term as square, sum and scale, whose gradient is a broadcast and two
+    multiplies over the whole kernel; `2 * l2 * tf.nn.l2_loss(w)` is the same number from one op
+    forward and one multiply backward (`grad * w`). Over ResNet-18's 11M kernel weights that is
+    ~5% of a 64 px training step on a 2-core CPU. Other backends, and any L1 term, run Keras's code.
+    """
+
+    def __call__(self, x):
+        if keras.backend.backend() != "tensorflow" or self.l1 != 0.0:
+            return super().__call__(x)
+        import tensorflow as tf
+
+        return tf.cast(2.0 * self.l2, x.dtype) * tf.nn.l2_loss(x)

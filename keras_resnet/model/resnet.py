@@ -16,7 +16,7 @@ import keras
 from keras import layers
 
 from keras_resnet.constants import DEPTHS, VARIANTS
-from keras_resnet.model.layers import FusedBatchNormalization
+from keras_resnet.model.layers import L1L2, FusedBatchNormalization
 
 # ImageNet RGB statistics on the [0, 1] scale (torchvision's `Normalize`); the optional first
 # layer applies them to uint8 / [0, 255] inputs so the input pipeline can ship uint8 pixels.
@@ -27,12 +27,12 @@ BOTTLENECK_EXPANSION = 4
 STEM_FILTERS = 64
 
 
-def _conv(filters, kernel_size, stride, name, *, use_bias, regularizer):
+def _conv(filters, kernel_size, stride, name, *, use_bias, regularizer, padding="valid"):
     return layers.Conv2D(
         filters,
         kernel_size,
         strides=stride,
-        padding="valid",  # padding is explicit, see `conv_bn`
+        padding=padding,  # see `conv_bn`
         use_bias=use_bias,
         kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
         kernel_regularizer=regularizer,
@@ -47,10 +47,13 @@ _bn = partial(FusedBatchNormalization, axis=-1, momentum=0.9, epsilon=1e-5)
 def conv_bn(x, filters, kernel_size, stride, name, opts, *, relu=True, zero_gamma=False):
     """Conv (PyTorch padding `kernel_size // 2`) -> BatchNorm [-> ReLU]. Layer names: name_conv.."""
     pad = kernel_size // 2
-    if pad:
+    # Stride 1: "same" pads k//2 on every side, as PyTorch does, inside the convolution (no pad op
+    # forward, no slice backward). Strided: Keras's "same" would pad only bottom/right, so pad here.
+    padding = "same" if stride == 1 else "valid"
+    if pad and stride != 1:
         x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
     x = _conv(filters, kernel_size, stride, name, use_bias=opts["conv_bias"],
-              regularizer=opts["regularizer"])(x)
+              regularizer=opts["regularizer"], padding=padding)(x)
     bn_name = name.replace("conv", "bn")
     x = _bn(name=bn_name, gamma_initializer="zeros" if zero_gamma else "ones")(x)
     if relu:
@@ -120,7 +123,7 @@ def _regularizer(l1, l2):
         raise ValueError(f"Regularizer strengths must be >= 0. Received: l1={l1}, l2={l2}.")
     if l1 == 0 and l2 == 0:
         return None
-    return keras.regularizers.L1L2(l1=l1, l2=l2)
+    return L1L2(l1=l1, l2=l2)
 
 
 def build_resnet(

@@ -26,6 +26,7 @@ class Format:
     description: str
     calibrated: bool = False  # needs calibration images from the training split
     converters: tuple = ()    # modules the writer imports (checked before a model is loaded)
+    runnable: bool = True     # a model a runtime serves (not a weights-only file)
 
 
 def _saved_model(model, output, *, image_size, class_ids, class_names, calibration=None,
@@ -84,10 +85,12 @@ FORMATS = {
     "openvino": Format(_openvino, ".xml", "openvino", "OpenVINO IR (.xml + .bin)",
                        converters=("openvino",)),
     "torchvision": Format(_weights_file("torchvision"), ".pth", "", "torch.save state dict "
-                          "for torchvision.models.resnetN (torch.load(weights_only=True))"),
+                          "for torchvision.models.resnetN (torch.load(weights_only=True))",
+                          runnable=False),
     "safetensors": Format(_weights_file("safetensors"), ".safetensors", "", "safetensors state "
-                          "dict in torchvision / timm names"),
+                          "dict in torchvision / timm names", runnable=False),
 }
+RUNNABLE = tuple(name for name, fmt in FORMATS.items() if fmt.runnable)
 
 
 def get_format(name):

@@ -19,6 +19,7 @@ from absl import logging
 
 from keras_resnet.model import weights
 from keras_resnet.training.config import FREEZE_GROUPS as GROUPS  # noqa: F401  (one table)
+from keras_resnet.training.sgd import SGD
 
 STEM_LAYERS = ("conv1", "bn1", "relu1", "conv1_pad", "pool1", "pool1_pad")
 HEAD_LAYERS = ("predictions",)
@@ -69,7 +70,7 @@ def init_from(model, path, *, num_classes):
 
 
 @keras.saving.register_keras_serializable(package="keras_resnet")
-class HeadScaledSGD(keras.optimizers.SGD):
+class HeadScaledSGD(SGD):
     """SGD in which the variables of `head_layers` (the classifier) step with the learning rate
     times `head_lr_multiplier`: the momentum buffer and weight decay (an L2 term of the loss)
     scale with it, as a per-parameter-group `lr` does in PyTorch's SGD."""

@@ -5,6 +5,8 @@ import math
 import keras
 from keras import ops
 
+from keras_resnet.model.layers import L1L2
+
 
 @keras.saving.register_keras_serializable(package="keras_resnet")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -108,7 +110,7 @@ def apply_norm_weight_decay(model, weight_decay: float) -> int:
     decay `weight_decay`, as for the kernels). Returns the number of variables decayed."""
     if weight_decay <= 0:
         return 0
-    regularizer = keras.regularizers.L2(weight_decay / 2.0)
+    regularizer = L1L2(l2=weight_decay / 2.0)
     count = 0
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, keras.layers.BatchNormalization):

@@ -29,6 +29,7 @@ from keras_resnet.training.optim import (
     accuracy_metrics,
     apply_norm_weight_decay,
 )
+from keras_resnet.training.sgd import SGD
 
 CONFIG_JSON = "config.json"
 CLASSES_JSON = "classes.json"
@@ -123,7 +124,7 @@ def compile_model(model, config, num_classes, steps_per_epoch):
     sgd = dict(learning_rate=learning_rate_schedule(config, steps_per_epoch),
                momentum=config.momentum, nesterov=config.nesterov)
     optimizer = (finetune.HeadScaledSGD(head_lr_multiplier=config.head_lr_multiplier, **sgd)
-                 if config.head_lr_multiplier != 1.0 else keras.optimizers.SGD(**sgd))
+                 if config.head_lr_multiplier != 1.0 else SGD(**sgd))
     jit = distribute.choose_jit_compile(config.jit_compile, tf.distribute.get_strategy(),
                                        config.deterministic)
     model.compile(
