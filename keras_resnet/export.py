@@ -112,7 +112,8 @@ def main(flag_values, args):
             return cli.fail(f"{path} takes images of any size; pass --image_size.")
         class_ids, class_names = export.load_classes_for(path, model.outputs[0].shape[-1],
                                                          flag_values.classes)
-        calibration = _calibration(flag_values, image_size) if fmt.calibrated else None
+        calibration = (_calibration(flag_values, image_size, resize_size) if fmt.calibrated
+                       else None)
         written = fmt.writer(model, destination, image_size=image_size, class_ids=class_ids,
                              class_names=class_names, calibration=calibration,
                              resize_size=resize_size)
@@ -122,12 +123,12 @@ def main(flag_values, args):
     return 0
 
 
-def _calibration(flag_values, image_size):
+def _calibration(flag_values, image_size, resize_size):
     from keras_resnet.serving import calibration
 
     return calibration.calibration_images(
         flag_values.dataset, calibration.default_data_dir(flag_values.dataset, flag_values.data_dir),
-        image_size=image_size, count=flag_values.calibration_images)
+        image_size=image_size, resize_size=resize_size, count=flag_values.calibration_images)
 
 
 def run(argv=None):

@@ -392,3 +392,26 @@ def test_predict_exported_file_crops_at_the_sizes_its_sidecar_records(images, mo
     assert not np.array_equal(seen[-1][0], preprocess_for_eval(image, 40))
     predict.load_predictor(path, resize_size=60)(image)  # the flag overrides the sidecar
     np.testing.assert_array_equal(seen[-1][0], preprocess_for_eval(image, 40, resize_size=60))
+
+
+def test_calibration_images_are_cropped_as_the_served_model_input(tmp_path):
+    """int8 calibration of a FixRes run sees its serving resize, not the 256/224 default."""
+    from keras_resnet.serving import calibration
+    from pipelines.demo import make_demo
+    from pipelines.sources import load_source
+
+    data_dir = make_demo(str(tmp_path / "demo"), num_classes=2, train_per_class=3,
+                         val_per_class=1, image_size=48)
+    files = calibration.sample_files(
+        load_source("demo", data_dir).train.files,
+        2, seed=0)
+    for resize_size in (0, 40, 60):
+        got = list(calibration.calibration_images("demo", data_dir, image_size=32, count=2,
+                                                  resize_size=resize_size)())
+        assert [g.shape for g in got] == [(1, 32, 32, 3)] * 2
+        for image, path in zip(got, files, strict=True):
+            want = preprocess_for_eval(tf.io.read_file(path), 32, resize_size=resize_size)
+            np.testing.assert_array_equal(image[0], want.numpy().astype(np.float32))
+    default, fixres = (list(calibration.calibration_images(
+        "demo", data_dir, image_size=32, count=1, resize_size=r)())[0] for r in (0, 60))
+    assert not np.array_equal(default, fixres)

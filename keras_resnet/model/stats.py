@@ -7,11 +7,11 @@ numbers at `--image_size=S`. Counts are per image unless a batch size is given.
 Numbers for the default models at 224x224 (float32, 1000 classes; see tests/test_stats.py):
 
     depth  trainable    non-trainable  MACs v1.5 (v1)      activations kept per image
-    18     11,689,512    9,600          1.814 G              fp32  30.2 MiB, mixed 15.1 MiB
-    34     21,797,672   17,024          3.664 G              fp32  45.5 MiB, mixed 22.7 MiB
-    50     25,557,032   53,120          4.089 G  (3.858 G)   fp32  92.0 MiB, mixed 46.0 MiB
-    101    44,549,160  105,344          7.801 G  (7.570 G)   fp32 135.3 MiB, mixed 67.6 MiB
-    152    60,192,808  151,424         11.514 G (11.282 G)   fp32 188.5 MiB, mixed 94.3 MiB
+    18     11,689,512    9,600          1.814 G              fp32  24.3 MiB, mixed 12.2 MiB
+    34     21,797,672   17,024          3.664 G              fp32  33.9 MiB, mixed 17.0 MiB
+    50     25,557,032   53,120          4.089 G  (3.858 G)   fp32  86.6 MiB, mixed 43.3 MiB
+    101    44,549,160  105,344          7.801 G  (7.570 G)   fp32 125.7 MiB, mixed 62.8 MiB
+    152    60,192,808  151,424         11.514 G (11.282 G)   fp32 173.9 MiB, mixed 87.0 MiB
 """
 
 import dataclasses
@@ -28,7 +28,7 @@ GIB = 2**30
 _SAVED_OUTPUT_LAYERS = (
     keras.layers.Conv2D,  # = the BatchNormalization input, needed for BN's gradient
     keras.layers.ReLU,  # ReLU's gradient is computed from its output
-    keras.layers.ZeroPadding2D,  # the padded tensor is the next conv's input (weight gradient)
+    keras.layers.ZeroPadding2D,  # the padded input of a strided conv (its weight gradient)
     keras.layers.MaxPooling2D,  # max-pool's gradient needs its output (and input = a ReLU output)
     keras.layers.GlobalAveragePooling2D,  # the Dense input
     keras.layers.Dropout,  # the mask-applied output feeds the Dense
@@ -120,18 +120,18 @@ def activation_bytes_per_image(model, *, mixed_precision=False):
 
     Model (TensorFlow backend, no XLA, no recomputation): a tensor is kept when some op's
     gradient needs it. That is the output of every Conv2D (BatchNorm's input), ReLU (its own
-    gradient), ZeroPadding2D (the padded input a conv needs for its weight gradient), MaxPooling2D,
+    gradient), ZeroPadding2D (the padded input a strided conv needs for its weight gradient), MaxPooling2D,
     and the small classifier tensors. BatchNorm outputs, Add outputs and identity shortcuts are
     not kept: their gradients need no forward tensor. Transient buffers of the backward pass
     itself (about two feature maps at a time), cuDNN workspace and allocator fragmentation are
     not included.
 
-    ResNet-152 at 224 in float32 gives 188.5 MiB (conv 86.0 + ReLU 80.3 + padding 21.4 + pool
+    ResNet-152 at 224 in float32 gives 173.9 MiB (conv 86.0 + ReLU 80.3 + padding 6.8 + pool
     0.8), against 173 MiB per image for torchvision's ResNet-152, which is the PyTorch picture: conv
     outputs (86.0) + BatchNorm outputs (86.0) + input and pool, because torchvision's ReLUs and
     residual additions run in place on the BatchNorm output and PyTorch pads inside the conv.
-    Keras's ReLU is not in place and our symmetric padding is an explicit layer, which costs
-    the extra 15 MiB (padded copies of every 3x3 / 7x7 conv input, net of the BN outputs).
+    Keras's ReLU is not in place; stride-1 convolutions pad inside the conv as PyTorch's do, and
+    only the strided ones (stem, first 3x3 of a stage, max-pool) keep an explicit padded copy.
 
     With `mixed_precision`, feature maps are 16-bit (float16 or bfloat16); rank-2 classifier
     tensors (pooled features, logits, softmax) stay float32 as model.py pins them.

@@ -23,9 +23,10 @@ def sample_files(files, count, seed=0):
     return [files[i] for i in np.sort(picks)]
 
 
-def calibration_images(dataset, data_dir, *, image_size, count, seed=0):
+def calibration_images(dataset, data_dir, *, image_size, count, seed=0, resize_size=0):
     """A zero-argument callable yielding `count` float32 [1, S, S, 3] images (RGB 0..255) of the
-    training split of `dataset` (as `pipelines.sources.load_source` names it)."""
+    training split of `dataset` (as `pipelines.sources.load_source` names it), resized and cropped
+    as the served model's input: shorter side to `resize_size` (0: the 256/224 rule), then S."""
     import tensorflow as tf
 
     from pipelines.preprocessing import preprocess_for_eval
@@ -47,7 +48,7 @@ def calibration_images(dataset, data_dir, *, image_size, count, seed=0):
     def images():
         done = 0
         for image_bytes in records:
-            pixels = preprocess_for_eval(image_bytes, image_size)
+            pixels = preprocess_for_eval(image_bytes, image_size, resize_size=resize_size)
             yield tf.cast(pixels, tf.float32)[None].numpy()
             done += 1
             if done % 50 == 0:
