@@ -248,3 +248,21 @@ def test_show_augment_writes_a_png_grid_with_mixed_labels(data_dir, tmp_path):
     assert show_augment.label_text(np.array([0.0, 1.0, 0.0]), ["a", "b", "c"]) == "b"
     bad = show_augment.run(["--mixup_alpha=-1", f"--out={out}"])
     assert bad == 2
+
+
+def test_recipe_block_shows_once(capsys):
+    """In the log when absl shows INFO lines (the commands), else printed: never both."""
+    from absl import logging as absl_logging
+
+    from keras_resnet.training.recipe import log_recipe
+
+    before = absl_logging.get_verbosity()
+    try:
+        absl_logging.set_verbosity(absl_logging.INFO)
+        log_recipe(Config())
+        assert "Recipe:" not in capsys.readouterr().out
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        log_recipe(Config())
+        assert capsys.readouterr().out.count("Recipe:") == 1
+    finally:
+        absl_logging.set_verbosity(before)

@@ -54,8 +54,10 @@ def make_ema(config, model):
 def log_recipe(config):
     """The resolved recipe as one block in the start-up log."""
     text = "\n".join("  " + line for line in config.recipe_lines())
-    logging.info("Recipe:\n%s", text)
-    print("Recipe:\n" + text, flush=True)
+    if logging.level_info():
+        logging.info("Recipe:\n%s", text)
+    else:  # called as a library, with absl's INFO lines off: the block still shows, once
+        print("Recipe:\n" + text, flush=True)
 
 
 def best_model_options(ema):
