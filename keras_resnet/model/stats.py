@@ -131,7 +131,7 @@ def activation_bytes_per_image(model, *, mixed_precision=False):
     outputs (86.0) + BatchNorm outputs (86.0) + input and pool, because torchvision's ReLUs and
     residual additions run in place on the BatchNorm output and PyTorch pads inside the conv.
     Keras's ReLU is not in place; stride-1 convolutions pad inside the conv as PyTorch's do, and
-    only the strided ones (stem, first 3x3 of a stage, max-pool) keep an explicit padded copy.
+    only the strided ones (the stem, the strided 3x3 convs, max-pool) keep an explicit padded copy.
 
     With `mixed_precision`, feature maps are 16-bit (float16 or bfloat16); rank-2 classifier
     tensors (pooled features, logits, softmax) stay float32 as model.py pins them.

@@ -80,8 +80,8 @@ FORMATS = {
     "onnx_int8": Format(_onnx_int8, ".onnx", "onnx", "ONNX int8 (QDQ, static, float32 input "
                         "and output)", calibrated=True, converters=("tf2onnx", "onnxruntime")),
     "litert": Format(_litert, ".tflite", "litert", "LiteRT (TFLite) float32"),
-    "litert_int8": Format(_litert_int8, ".tflite", "litert", "LiteRT int8 (normalisation and "
-                          "classifier head float32; float32 input and output)", calibrated=True),
+    "litert_int8": Format(_litert_int8, ".tflite", "litert", "LiteRT int8 (normalisation, "
+                          "residual additions and head float32; float32 input and output)", calibrated=True),
     "openvino": Format(_openvino, ".xml", "openvino", "OpenVINO IR (.xml + .bin)",
                        converters=("openvino",)),
     "torchvision": Format(_weights_file("torchvision"), ".pth", "", "torch.save state dict "
