@@ -319,8 +319,8 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt):
                            f"--output={float_file}"]) == 0
     assert os.path.getsize(output) < 0.35 * os.path.getsize(float_file)  # int8 weights
     if fmt == "litert_int8":
-        # Every op is an int8 kernel but the input's normalisation and the classifier head, kept
-        # float32 on purpose (litert.FLOAT_OPS: accuracy over full integer), and the quantize and
+        # Every op is an int8 kernel but the input's normalisation, the residual additions and the head,
+        # kept float32 on purpose (litert.FLOAT_OPS: accuracy over full integer), and the quantize and
         # dequantize ops between the two worlds.
         from keras_resnet.serving import litert
 
