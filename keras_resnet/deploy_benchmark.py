@@ -47,6 +47,10 @@ def define_flags(values):
                          flag_values=values)
     flags.DEFINE_integer("calibration_images", 200, "Training images for int8 calibration.",
                          flag_values=values)
+    flags.DEFINE_integer("image_size", None, "Crop size (default: the model's input size, else its "
+                         "run's --eval_image_size).", flag_values=values)
+    flags.DEFINE_integer("resize_size", None, "Shorter side before the crop (default: the run's "
+                         "--eval_resize_size, else image_size x 256/224).", flag_values=values)
     flags.DEFINE_integer("threads", 0, "Threads per runtime (0: its default).", flag_values=values)
     flags.DEFINE_string("work_dir", None, "Where the exports are written (default: a temporary "
                         "directory, removed at the end).", flag_values=values)
@@ -84,8 +88,9 @@ def top1(run, images, labels, batch_size):
     return float((probs.argmax(axis=1) == labels).mean())
 
 
-def _validation(dataset, data_dir, image_size):
-    """(JPEG bytes, float32 pixels [N, S, S, 3], int labels) of the validation split."""
+def _validation(dataset, data_dir, image_size, resize_size=0):
+    """(JPEG bytes, float32 pixels [N, S, S, 3], int labels) of the validation split, resized
+    (shorter side to `resize_size`, 0: the 256/224 rule) and cropped as the exports expect."""
     import numpy as np
 
     from pipelines.preprocessing import preprocess_for_eval
@@ -95,7 +100,8 @@ def _validation(dataset, data_dir, image_size):
     if split is None or split.files is None:
         raise ValueError(f"--dataset={dataset} has no validation files to measure on.")
     data = [open(path, "rb").read() for path in split.files]
-    pixels = np.stack([preprocess_for_eval(d, image_size).numpy() for d in data])
+    pixels = np.stack([preprocess_for_eval(d, image_size, resize_size=resize_size).numpy()
+                       for d in data])
     return np.array(data, dtype=object), pixels.astype(np.float32), np.asarray(split.labels)
 
 
@@ -115,7 +121,7 @@ def _saved_model_runner(path):
     return lambda data: serve(image_bytes=tf.constant(list(data)))["probabilities"].numpy()
 
 
-def _runner(name, model, work_dir, flag_values, image_size, classes):
+def _runner(name, model, work_dir, flag_values, image_size, classes, resize_size=0):
     """(runner, size in MB of what a client loads) for format `name`."""
     if name == ANCHOR:
         return _keras_runner(model), None
@@ -126,9 +132,10 @@ def _runner(name, model, work_dir, flag_values, image_size, classes):
 
         calibration = calibration_lib.calibration_images(
             flag_values.dataset, _data_dir(flag_values), image_size=image_size,
-            count=flag_values.calibration_images)
+            count=flag_values.calibration_images, resize_size=resize_size)
     path = fmt.writer(model, os.path.join(work_dir, name + fmt.suffix), image_size=image_size,
-                      class_ids=classes[0], class_names=classes[1], calibration=calibration)
+                      class_ids=classes[0], class_names=classes[1], calibration=calibration,
+                      resize_size=resize_size)
     if name == "saved_model":
         return _saved_model_runner(path), _size_mb(path)
     size = _size_mb(path)
@@ -181,6 +188,7 @@ def main(flag_values, args):
     import keras
 
     from keras_resnet.serving import export
+    from pipelines import preprocessing
 
     path = flag_values.model or export.find_checkpoint(flag_values.model_dir)
     if not path or not os.path.isfile(path):
@@ -188,11 +196,17 @@ def main(flag_values, args):
               "pass --model=FILE.keras.", file=sys.stderr)
         return 1
     model = keras.saving.load_model(path, compile=False)
-    image_size = model.inputs[0].shape[1]
+    # A FixRes run evaluates (and exports) at its own --eval_resize_size / --eval_image_size.
+    image_size, resize_size = export.eval_sizes(path, model, flag_values.image_size,
+                                                flag_values.resize_size)
+    if image_size is None:
+        return cli.fail(f"{path} takes images of any size; pass --image_size.")
     classes = export.load_classes_for(path, model.outputs[0].shape[-1])
-    data, pixels, labels = _validation(flag_values.dataset, _data_dir(flag_values), image_size)
+    data, pixels, labels = _validation(flag_values.dataset, _data_dir(flag_values), image_size,
+                                       resize_size)
     print(f"# {machine()}")
-    print(f"# {path}: {len(labels)} validation images of {flag_values.dataset} at {image_size} px")
+    print(f"# {path}: {len(labels)} validation images of {flag_values.dataset}, shorter side "
+          f"{resize_size or preprocessing.eval_resize_size(image_size)}, center crop {image_size} px")
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = flag_values.work_dir or tmp
         os.makedirs(work_dir, exist_ok=True)
@@ -200,7 +214,8 @@ def main(flag_values, args):
         for name in flag_values.formats:
             print(f"{name}: exporting and measuring ...", file=sys.stderr, flush=True)
             try:
-                run, size = _runner(name, model, work_dir, flag_values, image_size, classes)
+                run, size = _runner(name, model, work_dir, flag_values, image_size, classes,
+                                    resize_size)
             except ImportError as e:  # a runtime extra that is not installed: say so, go on
                 print(f"{name}: skipped: {e}", file=sys.stderr)
                 continue

@@ -150,3 +150,30 @@ def test_prediction_split_over_two_replicas_equals_one_device():
                          text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES=""))
     assert run.returncode == 0 and "MIRRORED OK 2" in run.stdout, run.stderr[-3000:]
+
+
+def test_a_fixres_saved_model_is_evaluated_at_its_own_sizes(tmp_path):
+    """A SavedModel crops by itself at the sizes it records (FixRes: 40 of a 52 shorter side, not
+    the 256/224 rule): the matching protocol runs, another one is refused with the flags to use."""
+    import keras
+
+    from keras_resnet.model.resnet import build_resnet
+    from keras_resnet.serving import export
+    from pipelines.demo import make_demo
+    from pipelines.sources import load_source
+
+    keras.utils.set_random_seed(0)
+    model = build_resnet(18, num_classes=3, input_shape=(None, None, 3),
+                         include_preprocessing=True)
+    saved = export.export_saved_model(model, str(tmp_path / "export"), image_size=40,
+                                      class_ids=["a", "b", "c"], resize_size=52)
+    split = load_source("demo", make_demo(str(tmp_path / "data"), num_classes=3,
+                                          train_per_class=1, val_per_class=2)).val
+    result = evaluate.evaluate_path(saved, split, evaluate.Protocol.make(
+        "center_crop", 40, resize_size=52), progress=False)
+    assert (result["images"], result["crop_size"], result["resize_size"]) == (6, 40, 52)
+    with pytest.raises(ValueError) as refused:
+        evaluate.evaluate_path(saved, split, evaluate.Protocol.make("center_crop", 40),
+                               progress=False)
+    assert ("crops by itself (center crop 40 of a 52 shorter side): evaluate it with "
+            "--protocol=center_crop --image_size=40 --resize_size=52") in str(refused.value)

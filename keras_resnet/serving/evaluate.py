@@ -148,11 +148,14 @@ def keras_predictor(model, strategy=None):
 
 
 def saved_model_predictor(path):
-    """(encoded bytes [N] -> probabilities [N, C], image size) of a SavedModel export."""
+    """(encoded bytes [N] -> probabilities [N, C], crop size, resize size) of a SavedModel
+    export; a size is None when the export does not record it."""
     loaded = tf.saved_model.load(path)
     fn = loaded.signatures["serving_default"]
-    image_size = int(loaded.image_size[0].numpy()) if hasattr(loaded, "image_size") else None
-    return (lambda data: fn(image_bytes=tf.constant(data))["probabilities"].numpy()), image_size
+    image_size, resize_size = (int(getattr(loaded, name)[0].numpy()) if hasattr(loaded, name)
+                               else None for name in ("image_size", "resize_size"))
+    return ((lambda data: fn(image_bytes=tf.constant(data))["probabilities"].numpy()), image_size,
+            resize_size)
 
 
 # --------------------------------------------------------------------------------- evaluating
@@ -195,13 +198,15 @@ def evaluate_path(path, split, protocol, *, batch_size=64, depth=None, variant=N
     saved_model = latest_version_dir(path) if os.path.isdir(path) else None
     steps = math.ceil(split.num_examples / (1 if protocol.name == "full_image" else batch_size))
     if saved_model:
-        predict, image_size = saved_model_predictor(saved_model)
-        default = Protocol.make("center_crop", image_size or protocol.crop_size)
-        if protocol != default:
+        predict, image_size, resize_size = saved_model_predictor(saved_model)
+        own = Protocol.make("center_crop", image_size or protocol.crop_size,
+                            resize_size=resize_size)
+        if protocol != own:
             raise ValueError(f"{path} is a SavedModel, which crops by itself (center crop "
-                             f"{default.crop_size} of {default.resize_size}): evaluate it with "
-                             f"--protocol=center_crop --image_size={default.crop_size}, or other "
-                             "protocols and sizes from the weights (a .keras file or run dir).")
+                             f"{own.crop_size} of a {own.resize_size} shorter side): evaluate it "
+                             f"with --protocol=center_crop --image_size={own.crop_size} "
+                             f"--resize_size={own.resize_size}, or other protocols and sizes "
+                             "from the weights (a .keras file or run dir).")
         result = evaluate(predict, bytes_dataset(split, batch_size), num_batches=steps,
                           progress=progress)
         return _record(result, saved_model, protocol)

@@ -1,0 +1,63 @@
+"""`python -m keras_resnet.deploy_benchmark`: every format measured at the sizes it is served at."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_resnet import deploy_benchmark
+from keras_resnet.model.resnet import build_resnet
+from keras_resnet.serving import deploy, export
+from pipelines.demo import make_demo
+
+CLASS_IDS = ["n0", "n1", "n2"]
+
+
+@pytest.fixture(scope="module")
+def fixres_run(tmp_path_factory):
+    """A FixRes run (any input size; evaluated with a 40 crop of a 52 shorter side) and a
+    three-class demo dataset."""
+    keras.utils.set_random_seed(0)
+    model = build_resnet(18, num_classes=len(CLASS_IDS), input_shape=(None, None, 3),
+                         include_preprocessing=True)
+    kernel = model.get_layer("predictions").kernel
+    kernel.assign(np.random.default_rng(0).normal(0, 0.3, kernel.shape).astype("float32"))
+    root = tmp_path_factory.mktemp("deploy_benchmark")
+    run = root / "run"
+    run.mkdir()
+    model.save(run / "best.keras")
+    export.write_classes_json(run / "classes.json", CLASS_IDS, CLASS_IDS)
+    (run / "config.json").write_text('{"image_size": 32, "train_image_size": 32, '
+                                     '"eval_image_size": 40, "eval_resize_size": 52}')
+    data = make_demo(str(root / "data"), num_classes=3, train_per_class=2, val_per_class=3)
+    return run, data
+
+
+def test_formats_are_exported_and_measured_at_the_runs_eval_sizes(fixres_run, tmp_path, capsys):
+    run, data = fixres_run
+    work = tmp_path / "work"
+    assert deploy_benchmark.run([f"--model_dir={run}", "--dataset=demo", f"--data_dir={data}",
+                                 "--formats=keras,onnx", "--latency_runs=2",
+                                 "--throughput_batches=1", "--batch_size=4",
+                                 f"--work_dir={work}"]) == 0
+    out = capsys.readouterr().out
+    assert "9 validation images of demo, shorter side 52, center crop 40 px" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[7].strip()
+            for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"format", "keras", "onnx"}
+    assert rows["onnx"] == rows["keras"]  # same top-1 as the Keras model on the same pixels
+    # The file a client would deploy says how to crop for it: the run's sizes, not 256/224.
+    side = deploy.read_sidecar(str(work / "onnx.onnx"))
+    assert (side["image_size"], side["resize_size"]) == (40, 52), side
+    assert side["class_ids"] == CLASS_IDS
+
+
+def test_a_model_of_any_size_without_a_run_config_asks_for_the_size(fixres_run, tmp_path, capsys):
+    run, data = fixres_run
+    lone = tmp_path / "lone.keras"
+    os.link(run / "best.keras", lone)  # no config.json beside it: no eval size to read
+    assert deploy_benchmark.run([f"--model={lone}", "--dataset=demo", f"--data_dir={data}",
+                                 "--formats=keras"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {lone} takes images of any size; pass --image_size."
