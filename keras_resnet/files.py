@@ -88,6 +88,22 @@ def rename_dir_if_absent(tmp, target):
         return False
 
 
+def rename_all(renames):
+    """Renames each `(src, dst)` of `renames` in order (os.replace). When one fails, renames those
+    done back (dst to src) in reverse order and re-raises, so a writer that first moves the files it
+    replaces aside (to temporary names) gets them back; should one of those fail, the ones before it
+    stay undone. A kill in between leaves the renames done so far."""
+    done = []
+    try:
+        for src, dst in renames:
+            os.replace(src, dst)
+            done.append((src, dst))
+    except BaseException:
+        for src, dst in reversed(done):
+            os.replace(dst, src)
+        raise
+
+
 def remove_stale_temps(directory):
     """Deletes the temporary files and directories in `directory` whose writing process (by the
     pid in their name) is gone on this host; a live writer's are left alone. Returns the count."""

@@ -18,16 +18,16 @@ CLASSES = 10
 FLOAT_FORMATS = {"onnx": "model.onnx", "litert": "model.tflite", "openvino": "model.xml"}
 
 
-def _sharp_model(**kwargs):
+def _sharp_model(seed=0, size=SIZE, **kwargs):
     """A ResNet-18 whose probabilities are far from uniform (a random init gives ~1/C everywhere,
     where any converter would agree to 1e-4) and whose BatchNorms are not the identity."""
     import keras
 
     from keras_resnet.model.resnet import build_resnet
 
-    keras.utils.set_random_seed(0)
-    model = build_resnet(18, CLASSES, (SIZE, SIZE, 3), include_preprocessing=True, **kwargs)
-    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(seed)
+    model = build_resnet(18, CLASSES, (size, size, 3), include_preprocessing=True, **kwargs)
+    rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             shape = layer.moving_mean.shape
@@ -220,9 +220,13 @@ def test_a_failed_export_leaves_the_previous_file_and_no_temporaries(sharp, tmp_
         before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
         real_replace = os.replace
+        failed = []
 
-        def crash(src, dst, name=name, real_replace=real_replace):  # dies after the bytes are written, before the model is renamed
-            if os.path.basename(dst) in (name, name.replace(".xml", ".bin")):
+        def crash(src, dst, name=name, real_replace=real_replace, failed=failed):
+            # The first rename onto the model's name fails, after the bytes are written (the
+            # OpenVINO writer's renames that put the previous files back then succeed).
+            if not failed and os.path.basename(dst) in (name, name.replace(".xml", ".bin")):
+                failed.append(dst)
                 raise OSError(28, "No space left on device")
             return real_replace(src, dst)
 
@@ -233,6 +237,155 @@ def test_a_failed_export_leaves_the_previous_file_and_no_temporaries(sharp, tmp_
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, fmt
         for p in tmp_path.iterdir():
             p.unlink()
+
+
+# --- the class names inside a LiteRT file --------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["litert", "litert_int8"])
+def test_litert_metadata_changes_no_output(sharp, tmp_path, fmt):
+    from keras_resnet.serving import litert
+
+    model, _ = sharp
+    images = _images()
+    calibration = (lambda: (image[None] for image in images)) if fmt == "litert_int8" else None
+    plain = litert.to_tflite(model, image_size=SIZE, calibration=calibration)
+    meta = deploy.metadata(fmt=fmt, image_size=SIZE, class_ids=["a", "b"], class_names=["ä", "b"])
+    paths = {}
+    for name, data in (("plain", plain), ("meta", litert.with_metadata(plain, meta))):
+        paths[name] = str(tmp_path / f"{name}.tflite")
+        with open(paths[name], "wb") as f:
+            f.write(data)
+    assert litert.read_metadata(paths["plain"]) is None
+    assert litert.read_metadata(paths["meta"]) == meta
+    plain_runner, meta_runner = (litert.LiteRTRunner(paths[n]) for n in ("plain", "meta"))
+    assert meta_runner.format == plain_runner.format == fmt
+    assert np.abs(meta_runner(images) - plain_runner(images)).max() == 0
+    assert meta_runner.class_names == ["ä", "b"] and plain_runner.class_names is None
+
+
+def test_litert_file_alone_carries_the_class_names(sharp, tmp_path):
+    from keras_resnet.serving import litert
+
+    _, model_path = sharp
+    output = str(tmp_path / "m.tflite")
+    assert _export(model_path, "litert", output) == 0
+    sidecar = json.load(open(output + ".json", encoding="utf-8"))
+    assert litert.read_metadata(output) == sidecar  # the same content, in the file
+    os.remove(output + ".json")  # the file alone is enough
+    tf_modules = {name for name in sys.modules if name.split(".")[0] == "tensorflow"}
+    runner = formats.load_runner(output)
+    assert runner.class_names[3] == "class 3, ünïcode" and runner.class_ids[9] == "n00000009"
+    assert {n for n in sys.modules if n.split(".")[0] == "tensorflow"} == tf_modules
+
+
+# --- OpenVINO: the .xml, its .bin and the sidecar replaced as a unit --------------------------
+
+def _ir_files(output):
+    """(xml, bin, sidecar) bytes of the OpenVINO export `output`, None for a missing file."""
+    from keras_resnet.serving import openvino
+
+    paths = (output, openvino.weights_path(output), deploy.sidecar_path(output))
+    return tuple(open(p, "rb").read() if os.path.exists(p) else None for p in paths)
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    """Two exports that differ in every file: other weights, image size and class names."""
+    return ({"model": _sharp_model(), "image_size": SIZE, "class_ids": list("abcdefghij"),
+             "class_names": [f"A{i}" for i in range(CLASSES)]},
+            {"model": _sharp_model(seed=1, size=32), "image_size": 32,
+             "class_ids": list("abcdefghij"), "class_names": [f"B{i}" for i in range(CLASSES)]})
+
+
+def _put_back(output, ir_files):
+    """Writes `ir_files` (from `_ir_files`) at `output` again."""
+    for data, path in zip(ir_files, (output, output[:-4] + ".bin", output + ".json"), strict=True):
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def _write_ir(output, export):
+    from keras_resnet.serving import openvino
+
+    return openvino.write_openvino(export["model"], output, image_size=export["image_size"],
+                                   class_ids=export["class_ids"],
+                                   class_names=export["class_names"])
+
+
+def _watch_file_ops(monkeypatch, after_each, fail=lambda n: False):
+    """Wraps the os calls that rename or delete files: `after_each()` runs after every call, and
+    the n-th os.replace (counting from 0) raises "No space left on device" when `fail(n)`."""
+    calls = {"replace": 0}
+    for name in ("replace", "rename", "remove", "unlink", "rmdir"):
+        real = getattr(os, name)
+
+        def wrapper(*args, real=real, name=name, **kwargs):
+            if name == "replace":
+                calls["replace"] += 1
+                if fail(calls["replace"] - 1):
+                    after_each()
+                    raise OSError(28, "No space left on device")
+            try:
+                return real(*args, **kwargs)
+            finally:
+                after_each()
+        monkeypatch.setattr(os, name, wrapper)
+    return calls
+
+
+def test_openvino_xml_bin_and_sidecar_are_replaced_as_a_unit(two_models, tmp_path, monkeypatch):
+    """After every rename or delete (where a kill could stop the export), the .xml is absent or
+    sits with its own .bin and sidecar."""
+    output = str(tmp_path / "model.xml")
+    _write_ir(output, two_models[0])
+    old = _ir_files(output)
+    seen = []
+    with monkeypatch.context() as patch:
+        _watch_file_ops(patch, lambda: seen.append(_ir_files(output)))
+        _write_ir(output, two_models[1])
+    new = _ir_files(output)
+    assert all(a != b for a, b in zip(old, new, strict=True))  # the xml, bin and sidecar differ
+    assert all(state[0] is None or state in (old, new) for state in seen)
+    assert len(seen) >= 6
+    assert None in (state[0] for state in seen)  # the old .xml is gone before the new .bin comes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.xml",
+                                                         "model.xml.json"]
+    runner = formats.load_runner(output)
+    assert runner.image_size == 32 and runner.class_names[0] == "B0"
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["once", "from_then_on"])
+def test_openvino_failed_rename_leaves_the_old_export_or_none(two_models, tmp_path, monkeypatch,
+                                                              persistent):
+    """A rename that fails (once: the old files come back; from then on: putting them back fails
+    too) at each step never leaves a mixed pair, and says which happened."""
+    output = str(tmp_path / "model.xml")
+    _write_ir(output, two_models[0])
+    old = _ir_files(output)
+    with monkeypatch.context() as patch:
+        steps = _watch_file_ops(patch, lambda: None)
+        _write_ir(output, two_models[1])
+    for step in range(steps["replace"]):
+        _put_back(output, old)
+        seen = []
+        with monkeypatch.context() as patch:
+            _watch_file_ops(patch, lambda seen=seen: seen.append(_ir_files(output)),
+                            fail=(lambda n, step=step: n >= step) if persistent
+                            else (lambda n, step=step: n == step))
+            with pytest.raises(OSError, match="No space left on device") as error:
+                _write_ir(output, two_models[1])
+        assert all(state[0] is None or state == old for state in seen), step
+        state = _ir_files(output)
+        if not persistent:
+            assert state == old, step
+            assert "kept the previous export" in str(error.value), step
+        else:
+            assert state[0] is None or state == old, step
+            assert ("kept the previous export" if state[0] else "left no model.xml") \
+                in str(error.value), step
+        assert "\n" not in str(error.value)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")], step
+    assert steps["replace"] == 7  # the new sidecar's own write, 3 old files aside, 3 into place
 
 
 # --- a model trained on the demo dataset: accuracy in every runtime, int8 included --------------

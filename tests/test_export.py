@@ -383,8 +383,8 @@ def test_predict_exported_file_crops_at_the_sizes_its_sidecar_records(images, mo
             return np.full((len(pixels), len(CLASS_IDS)), 1 / len(CLASS_IDS), "float32")
 
     path = str(tmp_path / "model.onnx")
-    deploy.write_sidecar(path, fmt="onnx", image_size=40, class_ids=CLASS_IDS,
-                         class_names=CLASS_NAMES, resize_size=52)
+    deploy.write_sidecar(path, deploy.metadata(fmt="onnx", image_size=40, class_ids=CLASS_IDS,
+                                               class_names=CLASS_NAMES, resize_size=52))
     monkeypatch.setattr(deploy_formats, "load_runner", lambda p, threads=0: Runner())
     image = images["a.jpg"].read_bytes()
     predict.load_predictor(path)(image)

@@ -9,8 +9,10 @@ versions):
     output `probabilities`: float32 [N, C] (softmax over the classes).
 
 The ImageNet mean/std normalisation is inside the model, so a client only decodes, resizes and
-crops. The class ids and names travel beside every file in `<FILE>.json` (and inside an ONNX file
-as metadata). The int8 formats keep float32 input and output (quantize and dequantize inside).
+crops. The class ids and names, the sizes and this contract (`metadata`) travel beside every file
+in `<FILE>.json`, and inside an ONNX file (metadata_props) and a LiteRT file (its metadata table);
+OpenVINO has the sidecar only. The int8 formats keep float32 input and output (quantize and
+dequantize inside).
 The format writers (onnx.py, litert.py, openvino.py) build on this module; the table of formats
 is formats.py.
 """
@@ -88,21 +90,29 @@ def serving_function(model, image_size):
     return serve
 
 
-# --- class names beside the file ---------------------------------------------------------------
+# --- class names in and beside the file --------------------------------------------------------
+
+def metadata(*, fmt, image_size, class_ids, class_names, resize_size=0):
+    """What travels with every file: its sidecar, an ONNX file's metadata_props and a LiteRT
+    file's metadata hold these keys. `resize_size`: the shorter side before the center crop (0:
+    image_size x 256/224)."""
+    return {"format": fmt, "image_size": image_size, "input": INPUT_NAME, "output": OUTPUT_NAME,
+            "resize_size": resize_size or round(image_size * 256 / 224),
+            "preprocessing": CONTRACT, "class_ids": list(class_ids),
+            "class_names": list(class_names)}
+
 
 def sidecar_path(path):
-    """`<FILE>.json`: class ids, names, image size and the input contract of export `path`."""
+    """`<FILE>.json`: the `metadata` of export `path`."""
     return path + SIDECAR_SUFFIX
 
 
-def write_sidecar(path, *, fmt, image_size, class_ids, class_names, resize_size=0):
-    """Written before the model file, so a client that sees the model also sees its classes.
-    `resize_size`: the shorter side before the center crop (0: image_size x 256/224)."""
-    files.write_json_atomic(sidecar_path(path), {
-        "format": fmt, "image_size": image_size, "input": INPUT_NAME, "output": OUTPUT_NAME,
-        "resize_size": resize_size or round(image_size * 256 / 224),
-        "preprocessing": CONTRACT, "class_ids": list(class_ids),
-        "class_names": list(class_names)})
+def write_sidecar(path, meta):
+    """Writes `meta` (from `metadata`) to the sidecar of export `path`, atomically. The ONNX and
+    LiteRT writers write it just before their file, so a new export's sidecar may sit beside the
+    old file for a moment (their runners read the names in the file first); openvino.py replaces
+    it together with the model."""
+    return files.write_json_atomic(sidecar_path(path), meta)
 
 
 def read_sidecar(path):

@@ -1,10 +1,14 @@
 """LiteRT (TFLite) export, float32 or int8, and inference in the LiteRT runtime.
 
 Both files take `images` float32 [N, S, S, 3] and return `probabilities` float32 [N, C] (the
-contract in serving/deploy.py), through the signature `serving_default`. The int8 file is
-quantized after training from calibration images of the training split: weights int8 per channel,
-activations int8 per tensor (ranges: min/max over the calibration images); every convolution
-(with its ReLU), padding and max pooling is an int8 kernel.
+contract in serving/deploy.py), through the signature `serving_default`. The model's metadata
+table holds an entry `keras_resnet` (`METADATA_NAME`) whose buffer is `deploy.metadata` as UTF-8
+JSON, the content of `<FILE>.json` (class ids and names, sizes, the input contract), so the file
+alone is enough to label predictions; `read_metadata` reads it back without TensorFlow.
+
+The int8 file is quantized after training from calibration images of the training split: weights
+int8 per channel, activations int8 per tensor (ranges: min/max over the calibration images); every
+convolution (with its ReLU), padding and max pooling is an int8 kernel.
 
 It is not full-integer, although the issue asked for full-integer where the runtime supports it
 (LiteRT does). The op types in `FLOAT_OPS` stay float32: the input's normalisation (SUB, MUL,
@@ -28,6 +32,7 @@ needs no TensorFlow.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -37,6 +42,7 @@ from keras_resnet import files
 from keras_resnet.serving import deploy
 
 SIGNATURE = "serving_default"
+METADATA_NAME = "keras_resnet"  # the metadata entry holding deploy.metadata as JSON
 # litert_int8: TFLite op types left in float32 (normalisation, residual additions, head); see above.
 FLOAT_OPS = ("SUB", "MUL", "DIV", "ADD", "MEAN", "FULLY_CONNECTED", "SOFTMAX")
 
@@ -75,10 +81,45 @@ def write_litert(model, output, *, image_size, class_ids, class_names, calibrati
     if quantize and calibration is None:
         raise ValueError("litert_int8 needs calibration images from the training split "
                          "(--dataset, --data_dir and --calibration_images).")
+    meta = deploy.metadata(fmt=fmt, image_size=image_size, class_ids=class_ids,
+                           class_names=class_names, resize_size=resize_size)
     data = to_tflite(model, image_size=image_size, calibration=calibration if quantize else None)
-    deploy.write_sidecar(output, fmt=fmt, image_size=image_size, class_ids=class_ids,
-                          class_names=class_names, resize_size=resize_size)
+    data = with_metadata(data, meta)
+    deploy.write_sidecar(output, meta)
     return files.write_bytes_atomic(output, data)
+
+
+def with_metadata(data, meta):
+    """`data` (.tflite bytes) with `meta` (a dict) as UTF-8 JSON in a new buffer, named by a
+    `METADATA_NAME` entry of the model's metadata table. Repacked through TensorFlow's flatbuffer
+    object API, as the converter itself does to add its conversion metadata: the graph and weights
+    are unchanged."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    buffer = schema.BufferT()
+    buffer.data = numpy.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+                                   numpy.uint8)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME, len(tflite.buffers)
+    tflite.buffers.append(buffer)
+    tflite.metadata = [*(tflite.metadata or []), entry]
+    return flatbuffer_utils.convert_object_to_bytearray(tflite)
+
+
+def read_metadata(path):
+    """The `METADATA_NAME` entry of the .tflite file `path` as a dict; None when there is none (a
+    file exported before it existed). Parsed with the flatbuffer schema that ai-edge-litert ships
+    (with the `flatbuffers` package it depends on), so a LiteRT client needs no TensorFlow."""
+    schema = deploy.require("ai_edge_litert.schema_py_generated", "litert")
+    with open(path, "rb") as f:
+        tflite = schema.Model.GetRootAs(f.read(), 0)
+    for i in range(tflite.MetadataLength()):
+        entry = tflite.Metadata(i)
+        if entry.Name() == METADATA_NAME.encode():
+            return json.loads(tflite.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return None
 
 
 class LiteRTRunner:
@@ -94,9 +135,9 @@ class LiteRTRunner:
         (self.output,) = self.interpreter.get_output_details()
         self.image_size = int(self.input["shape_signature"][1])
         self._batch = None
-        side = deploy.read_sidecar(path) or {}
-        self.class_ids = side.get("class_ids")
-        self.class_names = side.get("class_names", self.class_ids)
+        meta = read_metadata(path) or deploy.read_sidecar(path) or {}  # the file's own first
+        self.class_ids = meta.get("class_ids")
+        self.class_names = meta.get("class_names", self.class_ids)
         if any(t["dtype"] == numpy.int8 for t in self.interpreter.get_tensor_details()):
             self.format = "litert_int8"
 

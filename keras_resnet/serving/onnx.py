@@ -1,9 +1,9 @@
 """ONNX export (tf2onnx) and inference in ONNX Runtime.
 
 The file takes `images` float32 [N, S, S, 3] and returns `probabilities` float32 [N, C] (the
-contract in serving/deploy.py). Its metadata_props carry `class_ids` and `class_names` (JSON
-lists), `image_size` and `preprocessing`, so the file alone is enough to label predictions; the
-same travel in `<FILE>.json`.
+contract in serving/deploy.py). Its metadata_props carry `deploy.metadata`, the keys of
+`<FILE>.json` (`class_ids` and `class_names` as JSON lists, `image_size`, `resize_size`,
+`preprocessing`, ...), so the file alone is enough to label predictions.
 
 `onnx_int8` is the same file quantized statically by ONNX Runtime's own tool
 (`onnxruntime.quantization.quantize_static`): QDQ format, weights int8 per channel, activations
@@ -42,8 +42,9 @@ FLOAT_OPS = frozenset({"Sub", "Mul", "Div", "Add", "Transpose", "GlobalAveragePo
                        "Flatten", "Reshape", "Squeeze", "MatMul", "Gemm", "Softmax"})
 
 
-def to_onnx(model, *, image_size, class_ids, class_names, fmt="onnx"):
-    """The ONNX ModelProto of `model` (a Keras ResNet with include_preprocessing=True)."""
+def to_onnx(model, *, image_size, meta):
+    """The ONNX ModelProto of `model` (a Keras ResNet with include_preprocessing=True), with
+    `meta` (`deploy.metadata`) in its metadata_props: strings as they are, other values as JSON."""
     tf2onnx = deploy.require("tf2onnx", "onnx")
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
@@ -59,12 +60,10 @@ def to_onnx(model, *, image_size, class_ids, class_names, fmt="onnx"):
                                         output_name: deploy.OUTPUT_NAME})
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM  # not tf2onnx's "unk__123"
-    metadata = {"class_ids": json.dumps(list(class_ids), ensure_ascii=False),
-                "class_names": json.dumps(list(class_names), ensure_ascii=False),
-                "image_size": str(image_size), "preprocessing": deploy.CONTRACT, "format": fmt}
-    for key, value in metadata.items():
+    for key, value in meta.items():
         prop = proto.metadata_props.add()
-        prop.key, prop.value = key, value
+        prop.key = key
+        prop.value = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     proto.producer_name = "keras_resnet"
     return proto
 
@@ -121,12 +120,12 @@ def write_onnx(model, output, *, image_size, class_ids, class_names, calibration
     if quantized and calibration is None:
         raise ValueError("onnx_int8 needs calibration images from the training split "
                          "(--dataset, --data_dir and --calibration_images).")
-    proto = to_onnx(model, image_size=image_size, class_ids=class_ids, class_names=class_names,
-                    fmt=fmt)
+    meta = deploy.metadata(fmt=fmt, image_size=image_size, class_ids=class_ids,
+                           class_names=class_names, resize_size=resize_size)
+    proto = to_onnx(model, image_size=image_size, meta=meta)
     if quantized:
         proto = quantize(proto, calibration)
-    deploy.write_sidecar(output, fmt=fmt, image_size=image_size, class_ids=class_ids,
-                          class_names=class_names, resize_size=resize_size)
+    deploy.write_sidecar(output, meta)
     return files.write_bytes_atomic(output, proto.SerializeToString())
 
 

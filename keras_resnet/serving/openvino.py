@@ -21,22 +21,40 @@ def write_openvino(model, output, *, image_size, class_ids, class_names, calibra
                    resize_size=0):
     """Writes `output` (.xml), the weights beside it (.bin) and `<output>.json`; returns `output`.
 
-    Both files are written in a temporary directory and renamed into place, the weights first, so
-    a client that finds the new .xml finds its weights too.
+    OpenVINO finds the weights of `x.xml` in `x.bin`, and no rename moves two files at once, so the
+    three files are replaced as a unit around the .xml. All are written in a temporary directory
+    beside `output`; the old .xml is moved aside (into that directory) first, then the old .bin
+    and sidecar; then the new sidecar, .bin and, last, .xml are renamed into place. So at every
+    moment, after a kill too, `output` is absent (a client gets file-not-found) or is the old or
+    the new .xml with its own .bin and sidecar, never a mixed pair. An error puts the old files
+    back (the message says whether they are); a kill between the first and last rename leaves no
+    .xml, and the moved files are deleted by the next export (`files.remove_stale_temps`). Not
+    covered: a client that read the old .xml just before the swap and opens the .bin after it.
     """
     ov = deploy.require("openvino", "openvino")
     ov_model = ov.convert_model(
         deploy.serving_function(model, image_size).get_concrete_function())
-    deploy.write_sidecar(output, fmt="openvino", image_size=image_size, class_ids=class_ids,
-                          class_names=class_names, resize_size=resize_size)
+    meta = deploy.metadata(fmt="openvino", image_size=image_size, class_ids=class_ids,
+                           class_names=class_names, resize_size=resize_size)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     files.remove_stale_temps(parent)
     tmp = files.make_temp_dir(parent, "openvino")
+    new = os.path.join(tmp, "model.xml")
+    # (new, final) in the order they go into place, the .xml last; the old ones go aside in the
+    # reverse order, the .xml first.
+    place = [(deploy.sidecar_path(new), deploy.sidecar_path(output)),
+             (weights_path(new), weights_path(output)), (new, output)]
     try:
-        ov.save_model(ov_model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
-        os.replace(os.path.join(tmp, "model.bin"), weights_path(output))
-        os.replace(os.path.join(tmp, "model.xml"), output)
+        ov.save_model(ov_model, new, compress_to_fp16=False)
+        deploy.write_sidecar(new, meta)
+        aside = [(final, os.path.join(tmp, f"old{i}"))
+                 for i, (_, final) in enumerate(reversed(place)) if os.path.lexists(final)]
+        files.rename_all([*aside, *place])
+    except OSError as e:
+        kept = ("kept the previous export" if os.path.exists(output)
+                else f"left no {os.path.basename(output)}")
+        raise OSError(f"OpenVINO export to {output} failed and {kept}: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output

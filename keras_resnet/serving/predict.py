@@ -30,7 +30,7 @@ def load_predictor(path, image_size=None, resize_size=None):
     evaluation sizes (export.eval_sizes), else at 224 / 256. An exported file or SavedModel
     carries its own sizes; a `resize_size` given overrides an exported file's."""
     if deploy_formats.is_deploy_file(path):
-        side = deploy.read_sidecar(path) or {}  # the export's sizes (ONNX metadata has none)
+        side = deploy.read_sidecar(path) or {}  # the export's resize size
         return _file_predictor(deploy_formats.load_runner(path),
                                resize_size or side.get("resize_size", 0))
     saved_model = export.latest_version_dir(path) if os.path.isdir(path) else None
