@@ -367,31 +367,49 @@ def test_predict_keras_model_of_a_fixres_run_uses_the_runs_eval_sizes(fixres_mod
     assert np.abs(scores - default).max() > 1e-4  # the check above tells the two apart
 
 
-def test_predict_exported_file_crops_at_the_sizes_its_sidecar_records(images, monkeypatch,
-                                                                      tmp_path):
-    """An ONNX/LiteRT/OpenVINO file is run after the evaluation crop the export recorded."""
-    from keras_resnet.serving import deploy, predict
+def test_predict_exported_file_crops_at_the_sizes_its_export_records(images, monkeypatch,
+                                                                     tmp_path):
+    """An ONNX/LiteRT/OpenVINO file is run after the evaluation crop the export recorded (its
+    runner's `resize_size`: in the file, else its sidecar)."""
+    from keras_resnet.serving import predict
     from keras_resnet.serving import formats as deploy_formats
 
     seen = []
 
     class Runner:  # stands in for a runtime: records the pixels it is given
-        image_size, class_ids, class_names = 40, CLASS_IDS, CLASS_NAMES
+        image_size, class_ids, class_names, resize_size = 40, CLASS_IDS, CLASS_NAMES, 52
 
         def __call__(self, pixels):
             seen.append(pixels)
             return np.full((len(pixels), len(CLASS_IDS)), 1 / len(CLASS_IDS), "float32")
 
     path = str(tmp_path / "model.onnx")
-    deploy.write_sidecar(path, deploy.metadata(fmt="onnx", image_size=40, class_ids=CLASS_IDS,
-                                               class_names=CLASS_NAMES, resize_size=52))
     monkeypatch.setattr(deploy_formats, "load_runner", lambda p, threads=0: Runner())
     image = images["a.jpg"].read_bytes()
     predict.load_predictor(path)(image)
     np.testing.assert_array_equal(seen[-1][0], preprocess_for_eval(image, 40, resize_size=52))
     assert not np.array_equal(seen[-1][0], preprocess_for_eval(image, 40))
-    predict.load_predictor(path, resize_size=60)(image)  # the flag overrides the sidecar
+    predict.load_predictor(path, resize_size=60)(image)  # the flag overrides the export's
     np.testing.assert_array_equal(seen[-1][0], preprocess_for_eval(image, 40, resize_size=60))
+
+
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("litert", ".tflite"),
+                                        ("openvino", ".xml")])
+def test_exported_file_records_the_runs_eval_sizes_for_its_runner(fixres_model_dir, tmp_path,
+                                                                   fmt, suffix):
+    """A FixRes run's export serves at its 40 crop of a 52 shorter side; ONNX and LiteRT files
+    say so themselves (a client with the file alone), OpenVINO through its sidecar."""
+    from keras_resnet.serving import deploy
+    from keras_resnet.serving import formats as deploy_formats
+
+    root, _ = fixres_model_dir
+    output = str(tmp_path / f"model{suffix}")
+    assert export_command.run([f"--model={root / 'best.keras'}", f"--format={fmt}",
+                               f"--output={output}"]) == 0
+    if fmt != "openvino":
+        os.remove(deploy.sidecar_path(output))
+    runner = deploy_formats.load_runner(output)
+    assert (runner.image_size, runner.resize_size, runner.class_ids) == (40, 52, CLASS_IDS)
 
 
 def test_calibration_images_are_cropped_as_the_served_model_input(tmp_path):

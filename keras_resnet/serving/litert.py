@@ -138,6 +138,7 @@ class LiteRTRunner:
         meta = read_metadata(path) or deploy.read_sidecar(path) or {}  # the file's own first
         self.class_ids = meta.get("class_ids")
         self.class_names = meta.get("class_names", self.class_ids)
+        self.resize_size = int(meta.get("resize_size", 0))
         if any(t["dtype"] == numpy.int8 for t in self.interpreter.get_tensor_details()):
             self.format = "litert_int8"
 

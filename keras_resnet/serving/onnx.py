@@ -149,6 +149,7 @@ class OnnxRunner:
             else side.get("class_ids")
         self.class_names = json.loads(meta["class_names"]) if "class_names" in meta \
             else side.get("class_names", self.class_ids)
+        self.resize_size = int(meta.get("resize_size", side.get("resize_size", 0)))
 
     def __call__(self, images):
         return self.session.run(None, {self.input_name: images})[0]

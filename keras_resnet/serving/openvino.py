@@ -81,6 +81,7 @@ class OpenVINORunner:
         side = deploy.read_sidecar(path) or {}
         self.class_ids = side.get("class_ids")
         self.class_names = side.get("class_names", self.class_ids)
+        self.resize_size = int(side.get("resize_size", 0))
 
     def __call__(self, images):
         return self.request.infer({0: images})[0]

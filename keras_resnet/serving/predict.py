@@ -30,9 +30,8 @@ def load_predictor(path, image_size=None, resize_size=None):
     evaluation sizes (export.eval_sizes), else at 224 / 256. An exported file or SavedModel
     carries its own sizes; a `resize_size` given overrides an exported file's."""
     if deploy_formats.is_deploy_file(path):
-        side = deploy.read_sidecar(path) or {}  # the export's resize size
-        return _file_predictor(deploy_formats.load_runner(path),
-                               resize_size or side.get("resize_size", 0))
+        runner = deploy_formats.load_runner(path)  # the export's resize size: in it or its sidecar
+        return _file_predictor(runner, resize_size or runner.resize_size)
     saved_model = export.latest_version_dir(path) if os.path.isdir(path) else None
     if saved_model:
         serve = tf.saved_model.load(saved_model).signatures["serving_default"]
