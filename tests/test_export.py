@@ -371,8 +371,8 @@ def test_predict_exported_file_crops_at_the_sizes_its_export_records(images, mon
                                                                      tmp_path):
     """An ONNX/LiteRT/OpenVINO file is run after the evaluation crop the export recorded (its
     runner's `resize_size`: in the file, else its sidecar)."""
-    from keras_resnet.serving import predict
     from keras_resnet.serving import formats as deploy_formats
+    from keras_resnet.serving import predict
 
     seen = []
 

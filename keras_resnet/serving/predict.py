@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.serving import deploy, export
+from keras_resnet.serving import export
 from keras_resnet.serving import formats as deploy_formats
 from pipelines import formats
 from pipelines.preprocessing import preprocess_for_eval
