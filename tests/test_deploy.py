@@ -442,7 +442,7 @@ INT8_FORMATS = {"litert_int8": ("int8.tflite", "litert"), "onnx_int8": ("int8.on
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", sorted(INT8_FORMATS))
-def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt):
+def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt, capfd):
     import keras
 
     data_dir, model_dir, images, labels = demo_run
@@ -453,6 +453,9 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt):
     assert export_cmd.run([f"--model_dir={model_dir}", f"--format={fmt}", f"--output={output}",
                            "--dataset=demo", f"--data_dir={data_dir}",
                            "--calibration_images=200"]) == 0
+    out, err = capfd.readouterr()
+    assert "calibration: 200 training images" in err  # progress goes to stderr, the runtimes' too
+    assert "calibration" not in out.lower() and "histogram" not in out.lower(), out
     runner = formats.load_runner(output)
     assert runner.format == fmt
     got = _run_batches(runner, images).argmax(1)
@@ -464,8 +467,10 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt):
     # litert_int8 (residual adds, normalisation and head float32) 98.8-100%, drops -0.4 to 0.8
     # points; onnx_int8 (percentile ranges, normalisation and head float32) 98.8-100%, drops
     # -0.4 to 0.8; each format at 98.8% (3 images) on one training of seven. Full-integer /
-    # min-max before: 98.0-99.6%, drops up to 1.2 points (five trainings). The bar is what every
-    # measured run met; issue #17 stays open on the 99%.
+    # min-max before: 98.0-99.6%, drops up to 1.2 points (five trainings). Over seeds 0-2, 250
+    # validation and 500 held-out training images each, 0.5-0.6% of the images disagree (both
+    # formats): ~1.5 expected on 250, so 3 (98.8%) on about one training in five by chance. The
+    # bar is what every measured run met; issue #17 stays open on the 99%.
     assert agreement >= 0.988 and drop <= 0.01
     float_file = str(tmp_path / ("float" + os.path.splitext(name)[1]))
     assert export_cmd.run([f"--model_dir={model_dir}", f"--format={float_fmt}",
@@ -487,16 +492,21 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt):
                 assert np.float32 in kinds and np.int8 not in kinds, op
             elif op["op_name"] not in ("QUANTIZE", "DEQUANTIZE"):
                 assert np.float32 not in kinds, op
-    else:  # every Conv reads int8 (quantize/dequantize pairs around it), the head is float32
+    else:  # every Conv reads uint8 activations and int8 weights (quantize/dequantize pairs
+        # around it: ONNX Runtime's fast U8S8 kernels on x86), the head is float32
         import onnx
 
         from keras_resnet.serving import onnx as onnx_format
 
         proto = onnx.load(output)
         made_by = {out: node for node in proto.graph.node for out in node.output}
+        zero_point_type = {t.name: t.data_type for t in proto.graph.initializer}
         convs = [node for node in proto.graph.node if node.op_type == "Conv"]
         assert len(convs) == 20
         for conv in convs:
-            assert all(made_by[i].op_type == "DequantizeLinear" for i in conv.input[:2]), conv.name
+            dequantize = [made_by[i] for i in conv.input[:2]]
+            assert all(node.op_type == "DequantizeLinear" for node in dequantize), conv.name
+            assert [zero_point_type[node.input[2]] for node in dequantize] == [
+                onnx.TensorProto.UINT8, onnx.TensorProto.INT8], conv.name
         (softmax,) = [node for node in proto.graph.node if node.op_type == "Softmax"]
         assert made_by[softmax.input[0]].op_type in onnx_format.FLOAT_OPS
