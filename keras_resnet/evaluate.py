@@ -4,14 +4,15 @@
         --json=eval.json
     python -m keras_resnet.evaluate --weights=runs/resnet18_demo --dataset=demo --image_size=64
     python -m keras_resnet.evaluate --weights=r50.safetensors --protocol=ten_crop
-    python -m keras_resnet.evaluate --weights=saved_models/resnet18_demo --dataset=demo \\
-        --image_size=64                                   # a SavedModel export (its newest version)
+    python -m keras_resnet.evaluate --weights=saved_models/resnet18_demo --dataset=demo
+                                    # a SavedModel export (its newest version), at its own sizes
 
 Weights: .pth/.pt (torch.save, read without running pickled code), .safetensors, .keras, a
 training directory (its latest checkpoint) or a SavedModel export. The architecture (depth, conv
 biases, classes) is read from the file; v1 and v1.5 cannot be told apart from shapes (--variant).
 Protocols: center_crop (--resize_size, --crop_size; default crop = --image_size, resize =
-crop * 256/224), ten_crop, full_image. The library is `keras_resnet.serving.evaluate`.
+crop * 256/224; a SavedModel given no size: the sizes it was exported with), ten_crop,
+full_image. The library is `keras_resnet.serving.evaluate`.
 """
 
 import os
@@ -76,7 +77,9 @@ def main(flag_values, args):
         result = evaluate.evaluate_path(
             flag_values.weights, source.val, protocol, batch_size=flag_values.batch_size,
             depth=flag_values.depth, variant=flag_values.variant,
-            num_classes=source.num_classes, strategy=strategy)
+            num_classes=source.num_classes, strategy=strategy,
+            sizes_given=any(flag_values[name].present
+                            for name in ("image_size", "crop_size", "resize_size")))
     except (WeightsError, sources.DataError, ValueError, OSError) as e:
         return cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     result["dataset"] = flag_values.dataset

@@ -263,18 +263,27 @@ def test_litert_metadata_changes_no_output(sharp, tmp_path, fmt):
     assert meta_runner.class_names == ["ä", "b"] and plain_runner.class_names is None
 
 
-def test_litert_file_alone_carries_the_class_names(sharp, tmp_path):
-    from keras_resnet.serving import litert
+@pytest.mark.parametrize("fmt,suffix", [("litert", ".tflite"), ("openvino", ".xml")])
+def test_file_alone_carries_the_class_names(sharp, tmp_path, fmt, suffix):
+    """LiteRT (metadata table) and OpenVINO (rt_info) files hold their sidecar's content."""
+    from keras_resnet.serving import litert, openvino
 
     _, model_path = sharp
-    output = str(tmp_path / "m.tflite")
-    assert _export(model_path, "litert", output) == 0
+    output = str(tmp_path / f"m{suffix}")
+    assert _export(model_path, fmt, output) == 0
     sidecar = json.load(open(output + ".json", encoding="utf-8"))
-    assert litert.read_metadata(output) == sidecar  # the same content, in the file
+    if fmt == "litert":
+        inside = litert.read_metadata(output)
+    else:
+        import openvino as ov
+
+        inside = openvino.read_metadata(ov.Core().read_model(output))
+    assert inside == sidecar  # the same content, in the file
     os.remove(output + ".json")  # the file alone is enough
     tf_modules = {name for name in sys.modules if name.split(".")[0] == "tensorflow"}
     runner = formats.load_runner(output)
     assert runner.class_names[3] == "class 3, ünïcode" and runner.class_ids[9] == "n00000009"
+    assert runner.resize_size == sidecar["resize_size"]
     assert {n for n in sys.modules if n.split(".")[0] == "tensorflow"} == tf_modules
 
 

@@ -177,3 +177,13 @@ def test_a_fixres_saved_model_is_evaluated_at_its_own_sizes(tmp_path):
                                progress=False)
     assert ("crops by itself (center crop 40 of a 52 shorter side): evaluate it with "
             "--protocol=center_crop --image_size=40 --resize_size=52") in str(refused.value)
+    # Given no size (the command's flags all at their defaults), it takes the SavedModel's own.
+    result = evaluate.evaluate_path(saved, split, evaluate.Protocol.make("center_crop", 224),
+                                    progress=False, sizes_given=False)
+    assert (result["crop_size"], result["resize_size"]) == (40, 52)
+    out = tmp_path / "eval.json"  # the command: no size flag given
+    assert evaluate_cmd.run([f"--weights={tmp_path / 'export'}", "--dataset=demo",
+                             f"--data_dir={tmp_path / 'data'}", f"--json={out}"]) == 0
+    assert json.loads(out.read_text())["resize_size"] == 52
+    assert evaluate_cmd.run([f"--weights={tmp_path / 'export'}", "--dataset=demo",
+                             f"--data_dir={tmp_path / 'data'}", "--image_size=40"]) == 1

@@ -10,9 +10,9 @@ versions):
 
 The ImageNet mean/std normalisation is inside the model, so a client only decodes, resizes and
 crops. The class ids and names, the sizes and this contract (`metadata`) travel beside every file
-in `<FILE>.json`, and inside an ONNX file (metadata_props) and a LiteRT file (its metadata table);
-OpenVINO has the sidecar only. The int8 formats keep float32 input and output (quantize and
-dequantize inside).
+in `<FILE>.json`, and inside the file: an ONNX file's metadata_props, a LiteRT file's metadata
+table and an OpenVINO IR's rt_info (the last two as one JSON entry named `METADATA_NAME`). The
+int8 formats keep float32 input and output (quantize and dequantize inside).
 The format writers (onnx.py, litert.py, openvino.py) build on this module; the table of formats
 is formats.py.
 """
@@ -91,6 +91,11 @@ def serving_function(model, image_size):
 
 
 # --- class names in and beside the file --------------------------------------------------------
+
+# The name of the `metadata` entry inside a LiteRT file (its metadata table) and an OpenVINO file
+# (its rt_info); ONNX files hold the keys themselves in metadata_props.
+METADATA_NAME = "keras_resnet"
+
 
 def metadata(*, fmt, image_size, class_ids, class_names, resize_size=0):
     """What travels with every file: its sidecar, an ONNX file's metadata_props and a LiteRT

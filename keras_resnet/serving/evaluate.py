@@ -191,8 +191,12 @@ def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=
 
 
 def evaluate_path(path, split, protocol, *, batch_size=64, depth=None, variant=None,
-                  num_classes=None, strategy=None, progress=True):
-    """Evaluates the weights or SavedModel at `path` on `split`; returns the result dict."""
+                  num_classes=None, strategy=None, progress=True, sizes_given=True):
+    """Evaluates the weights or SavedModel at `path` on `split`; returns the result dict.
+
+    A SavedModel crops by itself, at the sizes it records: `protocol` must be that center crop,
+    unless `sizes_given` is False (the user named no size) and `protocol` is a center crop, which
+    then takes the SavedModel's sizes (a FixRes export: e.g. 224 of 232, not 224 of 256)."""
     from keras_resnet.serving.export import latest_version_dir
 
     saved_model = latest_version_dir(path) if os.path.isdir(path) else None
@@ -201,6 +205,8 @@ def evaluate_path(path, split, protocol, *, batch_size=64, depth=None, variant=N
         predict, image_size, resize_size = saved_model_predictor(saved_model)
         own = Protocol.make("center_crop", image_size or protocol.crop_size,
                             resize_size=resize_size)
+        if protocol != own and not sizes_given and protocol.name == "center_crop":
+            protocol = own
         if protocol != own:
             raise ValueError(f"{path} is a SavedModel, which crops by itself (center crop "
                              f"{own.crop_size} of a {own.resize_size} shorter side): evaluate it "

@@ -42,7 +42,7 @@ from keras_resnet import files
 from keras_resnet.serving import deploy
 
 SIGNATURE = "serving_default"
-METADATA_NAME = "keras_resnet"  # the metadata entry holding deploy.metadata as JSON
+METADATA_NAME = deploy.METADATA_NAME  # the metadata entry holding deploy.metadata as JSON
 # litert_int8: TFLite op types left in float32 (normalisation, residual additions, head); see above.
 FLOAT_OPS = ("SUB", "MUL", "DIV", "ADD", "MEAN", "FULLY_CONNECTED", "SOFTMAX")
 

@@ -5,11 +5,14 @@ serving/deploy.py). Converted by OpenVINO's TensorFlow frontend from the traced 
 `deploy.deploy_model` (Keras's `model.export(format="openvino")` imports Keras's OpenVINO backend,
 which needs scipy, and converts the uint8-input training model). Weights stay float32
 (`compress_to_fp16=False`), and the runner asks the CPU plugin for float32 inference: by default it
-computes in bfloat16 on CPUs that have it, which moves probabilities by ~1e-3.
+computes in bfloat16 on CPUs that have it, which moves probabilities by ~1e-3. The .xml's rt_info
+holds `deploy.metadata` (class ids and names, sizes, the input contract) as JSON under
+`deploy.METADATA_NAME`, as the sidecar does; `read_metadata` reads it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -36,6 +39,7 @@ def write_openvino(model, output, *, image_size, class_ids, class_names, calibra
         deploy.serving_function(model, image_size).get_concrete_function())
     meta = deploy.metadata(fmt="openvino", image_size=image_size, class_ids=class_ids,
                            class_names=class_names, resize_size=resize_size)
+    ov_model.set_rt_info(json.dumps(meta, ensure_ascii=False), deploy.METADATA_NAME)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     files.remove_stale_temps(parent)
@@ -65,6 +69,14 @@ def weights_path(xml_path):
     return os.path.splitext(xml_path)[0] + ".bin"
 
 
+def read_metadata(model):
+    """`deploy.metadata` from the rt_info of `model` (an openvino.Model read from the .xml) as a
+    dict; None for a file exported before it was stored there."""
+    if not model.has_rt_info(deploy.METADATA_NAME):
+        return None
+    return json.loads(model.get_rt_info(deploy.METADATA_NAME).astype(str))
+
+
 class OpenVINORunner:
     """`runner(images float32 [N, S, S, 3]) -> probabilities [N, C]` in OpenVINO (no TF)."""
 
@@ -75,13 +87,15 @@ class OpenVINORunner:
         config = {"INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = ov.Core().compile_model(path, "CPU", config)
+        core = ov.Core()
+        model = core.read_model(path)
+        meta = read_metadata(model) or deploy.read_sidecar(path) or {}  # the file's own first
+        self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.image_size = self.compiled.inputs[0].get_partial_shape()[1].get_length()
-        side = deploy.read_sidecar(path) or {}
-        self.class_ids = side.get("class_ids")
-        self.class_names = side.get("class_names", self.class_ids)
-        self.resize_size = int(side.get("resize_size", 0))
+        self.class_ids = meta.get("class_ids")
+        self.class_names = meta.get("class_names", self.class_ids)
+        self.resize_size = int(meta.get("resize_size", 0))
 
     def __call__(self, images):
         return self.request.infer({0: images})[0]
