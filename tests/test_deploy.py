@@ -299,11 +299,19 @@ def _ir_files(output):
 
 @pytest.fixture(scope="module")
 def two_models():
-    """Two exports that differ in every file: other weights, image size and class names."""
-    return ({"model": _sharp_model(), "image_size": SIZE, "class_ids": list("abcdefghij"),
-             "class_names": [f"A{i}" for i in range(CLASSES)]},
-            {"model": _sharp_model(seed=1, size=32), "image_size": 32,
-             "class_ids": list("abcdefghij"), "class_names": [f"B{i}" for i in range(CLASSES)]})
+    """Two exports that differ in every file: other weights, image size and class names; each
+    converted once (openvino.Model), as `write_ir` takes it."""
+    import openvino as ov
+
+    exports = []
+    for seed, size, prefix in ((0, SIZE, "A"), (1, 32, "B")):
+        model = _sharp_model(seed=seed, size=size)
+        exports.append({
+            "ir": ov.convert_model(deploy.serving_function(model, size).get_concrete_function()),
+            "meta": deploy.metadata(fmt="openvino", image_size=size,
+                                    class_ids=list("abcdefghij"),
+                                    class_names=[f"{prefix}{i}" for i in range(CLASSES)])})
+    return exports
 
 
 def _put_back(output, ir_files):
@@ -316,9 +324,7 @@ def _put_back(output, ir_files):
 def _write_ir(output, export):
     from keras_resnet.serving import openvino
 
-    return openvino.write_openvino(export["model"], output, image_size=export["image_size"],
-                                   class_ids=export["class_ids"],
-                                   class_names=export["class_names"])
+    return openvino.write_ir(export["ir"], output, export["meta"])
 
 
 def _watch_file_ops(monkeypatch, after_each, fail=lambda n: False):

@@ -23,6 +23,18 @@ from keras_resnet.serving import deploy
 def write_openvino(model, output, *, image_size, class_ids, class_names, calibration=None,
                    resize_size=0):
     """Writes `output` (.xml), the weights beside it (.bin) and `<output>.json`; returns `output`.
+    The files are replaced as a unit (`write_ir`)."""
+    ov = deploy.require("openvino", "openvino")
+    ov_model = ov.convert_model(
+        deploy.serving_function(model, image_size).get_concrete_function())
+    return write_ir(ov_model, output, deploy.metadata(
+        fmt="openvino", image_size=image_size, class_ids=class_ids, class_names=class_names,
+        resize_size=resize_size))
+
+
+def write_ir(ov_model, output, meta):
+    """Writes `ov_model` (an openvino.Model) as `output` (.xml) and its .bin, with `meta` (from
+    `deploy.metadata`) in its rt_info and in `<output>.json`; returns `output`.
 
     OpenVINO finds the weights of `x.xml` in `x.bin`, and no rename moves two files at once, so the
     three files are replaced as a unit around the .xml. All are written in a temporary directory
@@ -35,10 +47,6 @@ def write_openvino(model, output, *, image_size, class_ids, class_names, calibra
     covered: a client that read the old .xml just before the swap and opens the .bin after it.
     """
     ov = deploy.require("openvino", "openvino")
-    ov_model = ov.convert_model(
-        deploy.serving_function(model, image_size).get_concrete_function())
-    meta = deploy.metadata(fmt="openvino", image_size=image_size, class_ids=class_ids,
-                           class_names=class_names, resize_size=resize_size)
     ov_model.set_rt_info(json.dumps(meta, ensure_ascii=False), deploy.METADATA_NAME)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
