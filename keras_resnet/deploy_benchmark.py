@@ -201,6 +201,9 @@ def main(flag_values, args):
                                                 flag_values.resize_size)
     if image_size is None:
         return cli.fail(f"{path} takes images of any size; pass --image_size.")
+    fixed = model.inputs[0].shape[1]
+    if fixed not in (None, image_size):
+        return cli.fail(f"{path} takes {fixed} px images; --image_size={image_size} does not fit.")
     classes = export.load_classes_for(path, model.outputs[0].shape[-1])
     data, pixels, labels = _validation(flag_values.dataset, _data_dir(flag_values), image_size,
                                        resize_size)

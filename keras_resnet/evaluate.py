@@ -78,7 +78,7 @@ def main(flag_values, args):
             flag_values.weights, source.val, protocol, batch_size=flag_values.batch_size,
             depth=flag_values.depth, variant=flag_values.variant,
             num_classes=source.num_classes, strategy=strategy,
-            sizes_given=any(flag_values[name].present
+            sizes_given=any(not flag_values[name].using_default_value
                             for name in ("image_size", "crop_size", "resize_size")))
     except (WeightsError, sources.DataError, ValueError, OSError) as e:
         return cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)

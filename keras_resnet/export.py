@@ -14,8 +14,8 @@ LiteRT (float32 or int8) or OpenVINO.
 same tensors (torchvision / timm names). Both are weights only (keras_resnet.model.weights).
 
 Every file format takes float32 [N, S, S, 3] RGB 0..255 after the evaluation resize and center
-crop, normalises inside and returns probabilities; its class ids and names are written beside it
-as `<FILE>.json` (see keras_resnet/serving/formats.py). The library is `keras_resnet.serving`;
+crop, normalises inside and returns probabilities; its class ids, names and sizes are written
+beside it as `<FILE>.json` and inside it (see keras_resnet/serving/formats.py). The library is `keras_resnet.serving`;
 this module parses flags and calls the format's writer from `formats.FORMATS`.
 """
 

@@ -92,7 +92,8 @@ def rename_all(renames):
     """Renames each `(src, dst)` of `renames` in order (os.replace). When one fails, renames those
     done back (dst to src) in reverse order and re-raises, so a writer that first moves the files it
     replaces aside (to temporary names) gets them back; should one of those fail, the ones before it
-    stay undone. A kill in between leaves the renames done so far."""
+    stay undone and that error propagates (the first one as its context). A kill in between leaves
+    the renames done so far."""
     done = []
     try:
         for src, dst in renames:

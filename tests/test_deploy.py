@@ -4,6 +4,7 @@ on the same preprocessed images; the export and predict commands and their error
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -287,6 +288,35 @@ def test_file_alone_carries_the_class_names(sharp, tmp_path, fmt, suffix):
     assert {n for n in sys.modules if n.split(".")[0] == "tensorflow"} == tf_modules
 
 
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("openvino", ".xml")])
+def test_runners_read_older_files_from_their_sidecar(sharp, tmp_path, fmt, suffix):
+    """A file exported before the sizes (ONNX) or any metadata (OpenVINO) went inside it: the
+    runner takes them from the sidecar."""
+    import onnx
+
+    _, model_path = sharp
+    output = str(tmp_path / f"m{suffix}")
+    assert _export(model_path, fmt, output) == 0
+    side = json.load(open(output + ".json", encoding="utf-8"))
+    side["resize_size"] = 80  # tells the sidecar's value from the file's (73)
+    with open(output + ".json", "w", encoding="utf-8") as f:
+        json.dump(side, f, ensure_ascii=False)
+    if fmt == "onnx":
+        proto = onnx.load(output)
+        kept = [p for p in proto.metadata_props if p.key != "resize_size"]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
+        onnx.save(proto, output)
+    else:
+        text = open(output, encoding="utf-8").read()
+        start = text.index(f"<{deploy.METADATA_NAME} ")
+        end = text.index("/>", start) + 2
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(text[:start] + text[end:])
+    runner = formats.load_runner(output)
+    assert runner.resize_size == 80 and runner.class_names[3] == "class 3, ünïcode"
+
+
 # --- OpenVINO: the .xml, its .bin and the sidecar replaced as a unit --------------------------
 
 def _ir_files(output):
@@ -399,7 +429,14 @@ def test_openvino_failed_rename_leaves_the_old_export_or_none(two_models, tmp_pa
             assert ("kept the previous export" if state[0] else "left no model.xml") \
                 in str(error.value), step
         assert "\n" not in str(error.value)
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")], step
+        kept = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+        if state[0] is None:  # the old .xml could not be put back: it is kept, and named
+            (folder,) = kept
+            assert str(folder) in str(error.value), step
+            assert (folder / "old0").read_bytes() == old[0], step
+            shutil.rmtree(folder)
+        else:
+            assert not kept, step
     assert steps["replace"] == 7  # the new sidecar's own write, 3 old files aside, 3 into place
 
 

@@ -61,3 +61,13 @@ def test_a_model_of_any_size_without_a_run_config_asks_for_the_size(fixres_run, 
                                  "--formats=keras"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == f"error: {lone} takes images of any size; pass --image_size."
+
+
+def test_a_fixed_size_model_refuses_another_image_size(fixres_run, tmp_path, capsys):
+    _, data = fixres_run
+    path = tmp_path / "fixed.keras"
+    build_resnet(18, num_classes=3, input_shape=(32, 32, 3), include_preprocessing=True).save(path)
+    assert deploy_benchmark.run([f"--model={path}", "--dataset=demo", f"--data_dir={data}",
+                                 "--formats=keras", "--image_size=40"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {path} takes 32 px images; --image_size=40 does not fit."

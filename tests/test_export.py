@@ -397,8 +397,8 @@ def test_predict_exported_file_crops_at_the_sizes_its_export_records(images, mon
                                         ("openvino", ".xml")])
 def test_exported_file_records_the_runs_eval_sizes_for_its_runner(fixres_model_dir, tmp_path,
                                                                    fmt, suffix):
-    """A FixRes run's export serves at its 40 crop of a 52 shorter side; ONNX and LiteRT files
-    say so themselves (a client with the file alone), OpenVINO through its sidecar."""
+    """A FixRes run's export serves at its 40 crop of a 52 shorter side, and the file says so
+    itself (a client with the file alone, its sidecar deleted)."""
     from keras_resnet.serving import deploy
     from keras_resnet.serving import formats as deploy_formats
 
@@ -406,8 +406,7 @@ def test_exported_file_records_the_runs_eval_sizes_for_its_runner(fixres_model_d
     output = str(tmp_path / f"model{suffix}")
     assert export_command.run([f"--model={root / 'best.keras'}", f"--format={fmt}",
                                f"--output={output}"]) == 0
-    if fmt != "openvino":
-        os.remove(deploy.sidecar_path(output))
+    os.remove(deploy.sidecar_path(output))
     runner = deploy_formats.load_runner(output)
     assert (runner.image_size, runner.resize_size, runner.class_ids) == (40, 52, CLASS_IDS)
 

@@ -124,7 +124,9 @@ def is_deploy_file(path):
 
 def load_runner(path, threads=0):
     """`runner(images float32 [N, S, S, 3]) -> probabilities float32 [N, C]` for an exported file,
-    with `image_size`, `class_ids`, `class_names` and `format`; threads=0: the runtime's default."""
+    with `image_size`, `resize_size` (the shorter side before the crop), `class_ids`,
+    `class_names` and `format`, read from the file, else its sidecar; threads=0: the runtime's
+    default."""
     import importlib
 
     suffix = os.path.splitext(path)[1]

@@ -11,7 +11,8 @@ uint8 per tensor, their ranges from calibration images of the training split; fl
 Activations are uint8 (ONNX Runtime's "U8S8"), not int8 ("S8S8", the tool's default): on an x86
 CPU with AVX-512 VNNI, batch 32 of the tests' 64 px ResNet-18 ran at 1,778-1,997 images/s U8S8,
 491-561 S8S8 and 601-686 in float32 (three rounds, one process), at the same agreement with
-Keras (the same images disagreed on three trainings).
+Keras (the same images disagreed on three trainings). ONNX Runtime's documentation warns that
+U8S8 can saturate on x86 CPUs with AVX2 or AVX-512 but without VNNI; measured only on a VNNI CPU.
 Two choices bring its top-1 close to the issue's bar (>= 99% agreement with the Keras model, <= 1
 point of accuracy lost on the demo validation split). Measured over trainings of the tests' demo
 model (250 images, one = 0.4%): min/max ranges over the whole graph agreed on 98.0-99.6% and lost
@@ -106,7 +107,8 @@ def quantize(proto, calibration):
         # Shape inference and graph optimisation first, as ONNX Runtime's docs recommend
         # (folds BatchNorm into the convolutions, so they quantize as one op).
         quantization.shape_inference.quant_pre_process(float_path, prepared)
-        # The calibrator prints its progress: to stderr with ours, not into a command's output.
+        # The calibrator prints its progress: to stderr with ours, not into a command's output
+        # (process-wide while it runs: not for a threaded server).
         with contextlib.redirect_stdout(sys.stderr):
             quantization.quantize_static(
                 prepared, quantized, Reader(), quant_format=quantization.QuantFormat.QDQ,

@@ -57,6 +57,7 @@ def write_ir(ov_model, output, meta):
     # reverse order, the .xml first.
     place = [(deploy.sidecar_path(new), deploy.sidecar_path(output)),
              (weights_path(new), weights_path(output)), (new, output)]
+    aside = []
     try:
         ov.save_model(ov_model, new, compress_to_fp16=False)
         deploy.write_sidecar(new, meta)
@@ -64,11 +65,19 @@ def write_ir(ov_model, output, meta):
                  for i, (_, final) in enumerate(reversed(place)) if os.path.lexists(final)]
         files.rename_all([*aside, *place])
     except OSError as e:
-        kept = ("kept the previous export" if os.path.exists(output)
-                else f"left no {os.path.basename(output)}")
+        stranded = [os.path.basename(final) for final, moved in aside if os.path.lexists(moved)]
+        if os.path.exists(output):
+            kept = "kept the previous export"
+        elif stranded:  # putting the old files back failed too: keep them where they are
+            kept = (f"left no {os.path.basename(output)}; the previous {', '.join(stranded)} "
+                    f"are in {tmp} (old0, old1, ... in that order)")
+            tmp = None
+        else:
+            kept = f"left no {os.path.basename(output)}"
         raise OSError(f"OpenVINO export to {output} failed and {kept}: {e}") from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 
