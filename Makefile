@@ -14,15 +14,20 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Test processes (pytest-xdist; whole files per process, so module fixtures are built once). Each
+# runs TensorFlow with its own threads and needs up to ~8 GiB: 2 fits a 2-core, 24 GiB machine.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 demo: venv
 	$(PY) train_main.py --flagfile=configs/demo.flags
 
 test: venv
-	$(PY) -m pytest tests
+	$(PYTEST) tests
 
 # The fast tier for a development loop: everything but the end-to-end runs (under 3 minutes).
 test-fast: venv
-	$(PY) -m pytest -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: venv
 	$(VENV)/bin/ruff check .

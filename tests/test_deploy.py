@@ -490,40 +490,66 @@ def test_trained_model_agrees_in_every_runtime_on_the_demo_validation_split(demo
 
 
 INT8_FORMATS = {"litert_int8": ("int8.tflite", "litert"), "onnx_int8": ("int8.onnx", "onnx")}
+CALIBRATION_IMAGES = 200
+
+
+@pytest.fixture(scope="module")
+def held_out_images(demo_run):
+    """The demo training images that the int8 exports below do not calibrate on (1,000 of 1,200),
+    preprocessed as the validation images, and their labels: more images to measure agreement on."""
+    import tensorflow as tf
+
+    from keras_resnet.serving.calibration import sample_files
+    from pipelines.preprocessing import preprocess_for_eval
+    from pipelines.sources import load_source
+
+    train = load_source("demo", demo_run[0]).train
+    calibration = set(sample_files(train.files, CALIBRATION_IMAGES))  # the export's own draw
+    kept = [(f, label) for f, label in zip(train.files, train.labels, strict=True)
+            if f not in calibration]
+    assert len(kept) == len(train.files) - CALIBRATION_IMAGES
+    images = np.stack([preprocess_for_eval(tf.io.read_file(f), SIZE).numpy()
+                       for f, _ in kept]).astype(np.float32)
+    return images, np.asarray([label for _, label in kept])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", sorted(INT8_FORMATS))
-def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt, capfd):
+def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, held_out_images, tmp_path, fmt,
+                                                       capfd):
     import keras
 
-    data_dir, model_dir, images, labels = demo_run
+    data_dir, model_dir, val_images, val_labels = demo_run
+    images = np.concatenate([val_images, held_out_images[0]])
+    labels = np.concatenate([val_labels, held_out_images[1]])
+    val = np.arange(len(images)) < len(val_images)
     model = keras.saving.load_model(os.path.join(model_dir, "best.keras"), compile=False)
     expected = _run_batches(lambda x: _keras_probabilities(model, x), images).argmax(1)
     name, float_fmt = INT8_FORMATS[fmt]
     output = str(tmp_path / name)
     assert export_cmd.run([f"--model_dir={model_dir}", f"--format={fmt}", f"--output={output}",
                            "--dataset=demo", f"--data_dir={data_dir}",
-                           "--calibration_images=200"]) == 0
+                           f"--calibration_images={CALIBRATION_IMAGES}"]) == 0
     out, err = capfd.readouterr()
     assert "calibration: 200 training images" in err  # progress goes to stderr, the runtimes' too
     assert "calibration" not in out.lower() and "histogram" not in out.lower(), out
     runner = formats.load_runner(output)
     assert runner.format == fmt
     got = _run_batches(runner, images).argmax(1)
-    agreement = (got == expected).mean()
-    drop = (expected == labels).mean() - (got == labels).mean()
-    print(f"{fmt}: top-1 agreement {agreement:.3f}, accuracy drop {100 * drop:.1f} points")
-    # The issue asks for >= 99% agreement and <= 1 point. Measured on seven trainings of this
-    # fixture (seeds 0-4 and two runs of this test; 250 validation images, one image = 0.4%):
-    # litert_int8 (residual adds, normalisation and head float32) 98.8-100%, drops -0.4 to 0.8
-    # points; onnx_int8 (percentile ranges, normalisation and head float32) 98.8-100%, drops
-    # -0.4 to 0.8; each format at 98.8% (3 images) on one training of seven. Full-integer /
-    # min-max before: 98.0-99.6%, drops up to 1.2 points (five trainings). Over seeds 0-2, 250
-    # validation and 500 held-out training images each, 0.5-0.6% of the images disagree (both
-    # formats): ~1.5 expected on 250, so 3 (98.8%) on about one training in five by chance. The
-    # bar is what every measured run met; issue #17 stays open on the 99%.
-    assert agreement >= 0.988 and drop <= 0.01
+    agree = got == expected
+    drop = (expected[val] == labels[val]).mean() - (got[val] == labels[val]).mean()
+    with capfd.disabled():
+        print(f"\n{fmt}: top-1 agreement {agree[val].mean():.3f} on the {val.sum()} validation "
+              f"images ({agree.mean():.4f} on {len(agree)} with the held-out training images), "
+              f"accuracy drop {100 * drop:.1f} points")
+    # The issue's bar: >= 99% agreement and <= 1 point lost on the 250 validation images. Int8
+    # changes the top-1 of 0.3-0.7% of this model's images (near ties; measured over trainings on
+    # val + held-out training images, both formats, two CPUs), so on 250 images (one = 0.4%) the
+    # 99% misses by chance on about one training in five (3+ images; 4 were seen once). The
+    # agreement is asserted on all 1,250 images, which a regression cannot hide in: >= 98.5%
+    # holds with margin at those rates and fails a quantizer that flips 2% of images 9 times in
+    # 10. Issue #17 stays open on the 99% on 250.
+    assert agree.mean() >= 0.985 and drop <= 0.01
     float_file = str(tmp_path / ("float" + os.path.splitext(name)[1]))
     assert export_cmd.run([f"--model_dir={model_dir}", f"--format={float_fmt}",
                            f"--output={float_file}"]) == 0
