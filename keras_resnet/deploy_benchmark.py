@@ -208,8 +208,9 @@ def main(flag_values, args):
     data, pixels, labels = _validation(flag_values.dataset, _data_dir(flag_values), image_size,
                                        resize_size)
     print(f"# {machine()}")
+    shorter = resize_size or preprocessing.eval_resize_size(image_size)
     print(f"# {path}: {len(labels)} validation images of {flag_values.dataset}, shorter side "
-          f"{resize_size or preprocessing.eval_resize_size(image_size)}, center crop {image_size} px")
+          f"{shorter}, center crop {image_size} px")
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = flag_values.work_dir or tmp
         os.makedirs(work_dir, exist_ok=True)

@@ -15,8 +15,9 @@ same tensors (torchvision / timm names). Both are weights only (keras_resnet.mod
 
 Every file format takes float32 [N, S, S, 3] RGB 0..255 after the evaluation resize and center
 crop, normalises inside and returns probabilities; its class ids, names and sizes are written
-beside it as `<FILE>.json` and inside it (see keras_resnet/serving/formats.py). The library is `keras_resnet.serving`;
-this module parses flags and calls the format's writer from `formats.FORMATS`.
+beside it as `<FILE>.json` and inside it (see keras_resnet/serving/formats.py). The library is
+`keras_resnet.serving`; this module parses flags and calls the format's writer from
+`formats.FORMATS`.
 """
 
 import os

@@ -2,14 +2,13 @@
 
 import os
 
-import keras
-import numpy as np
 import pytest
 
 from keras_resnet import deploy_benchmark
 from keras_resnet.model.resnet import build_resnet
-from keras_resnet.serving import deploy, export
+from keras_resnet.serving import deploy
 from pipelines.demo import make_demo
+from tests.fixres_run import write_fixres_run
 
 CLASS_IDS = ["n0", "n1", "n2"]
 
@@ -18,18 +17,9 @@ CLASS_IDS = ["n0", "n1", "n2"]
 def fixres_run(tmp_path_factory):
     """A FixRes run (any input size; evaluated with a 40 crop of a 52 shorter side) and a
     three-class demo dataset."""
-    keras.utils.set_random_seed(0)
-    model = build_resnet(18, num_classes=len(CLASS_IDS), input_shape=(None, None, 3),
-                         include_preprocessing=True)
-    kernel = model.get_layer("predictions").kernel
-    kernel.assign(np.random.default_rng(0).normal(0, 0.3, kernel.shape).astype("float32"))
     root = tmp_path_factory.mktemp("deploy_benchmark")
     run = root / "run"
-    run.mkdir()
-    model.save(run / "best.keras")
-    export.write_classes_json(run / "classes.json", CLASS_IDS, CLASS_IDS)
-    (run / "config.json").write_text('{"image_size": 32, "train_image_size": 32, '
-                                     '"eval_image_size": 40, "eval_resize_size": 52}')
+    write_fixres_run(run, CLASS_IDS, CLASS_IDS)
     data = make_demo(str(root / "data"), num_classes=3, train_per_class=2, val_per_class=3)
     return run, data
 

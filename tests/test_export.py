@@ -22,6 +22,7 @@ from keras_resnet import predict as predict_command
 from keras_resnet.model.resnet import build_resnet
 from keras_resnet.serving import export
 from pipelines.preprocessing import preprocess_for_eval
+from tests.fixres_run import write_fixres_run
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
@@ -324,17 +325,8 @@ def test_predict_from_keras_checkpoint_reports_bad_files_as_the_saved_model_does
 def fixres_model_dir(tmp_path_factory):
     """A FixRes run's directory: a model of any input size, trained at 32 and evaluated with a
     40 crop of a 52 shorter side (config.json, as train_main writes it)."""
-    keras.utils.set_random_seed(0)
-    model = build_resnet(18, num_classes=len(CLASS_IDS), input_shape=(None, None, 3),
-                         include_preprocessing=True)
-    kernel = model.get_layer("predictions").kernel
-    kernel.assign(np.random.default_rng(0).normal(0, 0.3, kernel.shape).astype("float32"))
     root = tmp_path_factory.mktemp("fixres_run")
-    model.save(root / "best.keras")
-    export.write_classes_json(root / "classes.json", CLASS_IDS, CLASS_NAMES)
-    (root / "config.json").write_text(
-        '{"image_size": 32, "train_image_size": 32, "eval_image_size": 40, '
-        '"eval_resize_size": 52}')
+    model = write_fixres_run(root, CLASS_IDS, CLASS_NAMES)
     return root, model
 
 

@@ -99,10 +99,12 @@ METADATA_NAME = "keras_resnet"
 
 def metadata(*, fmt, image_size, class_ids, class_names, resize_size=0):
     """What travels with every file: its sidecar, an ONNX file's metadata_props, a LiteRT file's
-    metadata table and an OpenVINO IR's rt_info hold these keys. `resize_size`: the shorter side before the center crop (0:
-    image_size x 256/224)."""
+    metadata table and an OpenVINO IR's rt_info hold these keys. `resize_size`: the shorter side
+    before the center crop (0: the evaluation's rule, image_size x 256/224)."""
+    from pipelines.preprocessing import eval_resize_size  # TensorFlow: writers only, not runners
+
     return {"format": fmt, "image_size": image_size, "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "resize_size": resize_size or round(image_size * 256 / 224),
+            "resize_size": resize_size or eval_resize_size(image_size),
             "preprocessing": CONTRACT, "class_ids": list(class_ids),
             "class_names": list(class_names)}
 
