@@ -116,6 +116,8 @@ def test_onnx_file_alone_carries_the_contract_and_class_names(sharp, tmp_path):
     assert [d.dim_value for d in dims[1:]] == [SIZE, SIZE, 3]
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert [o.name for o in proto.graph.output] == ["probabilities"]
+    onnx.checker.check_model(proto, full_check=True)
+    assert [(o.domain or "ai.onnx", o.version) for o in proto.opset_import] == [("ai.onnx", 17)]
     assert formats.load_runner(output).class_names[3] == "class 3, ünïcode"
 
 
@@ -545,7 +547,7 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, held_out_images,
     # The issue's bar: >= 99% agreement and <= 1 point lost on the 250 validation images. Int8
     # changes the top-1 of 0.3-0.7% of this model's images (near ties; measured over trainings on
     # val + held-out training images, both formats, two CPUs), so on 250 images (one = 0.4%) the
-    # 99% misses by chance on about one training in five (3+ images; 4 were seen once). The
+    # 99% misses by chance on 6-15% of trainings (3+ images; 4 were seen once). The
     # agreement is asserted on all 1,250 images, which a regression cannot hide in: >= 98.5%
     # holds with margin at those rates and fails a quantizer that flips 2% of images 9 times in
     # 10. Issue #17 stays open on the 99% on 250.
@@ -588,3 +590,17 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, held_out_images,
                 onnx.TensorProto.UINT8, onnx.TensorProto.INT8], conv.name
         (softmax,) = [node for node in proto.graph.node if node.op_type == "Softmax"]
         assert made_by[softmax.input[0]].op_type in onnx_format.FLOAT_OPS
+        # Standard ops only, and no opset declared that no node uses (ONNX Runtime's optimizer
+        # declares its own domains), so other ONNX consumers load it.
+        onnx.checker.check_model(proto, full_check=True)
+        assert [(o.domain or "ai.onnx", o.version) for o in proto.opset_import] == [
+            ("ai.onnx", onnx_format.OPSET)]
+        # OpenVINO reads the same QDQ file with its own int8 kernels (the README says so).
+        import openvino
+
+        compiled = openvino.Core().compile_model(output, "CPU")
+        by_openvino = _run_batches(lambda x: compiled(x)[0], images).argmax(1)
+        with capfd.disabled():
+            print(f"onnx_int8 in OpenVINO: top-1 agreement {(by_openvino == expected).mean():.4f} "
+                  f"on {len(expected)}")
+        assert (by_openvino == expected).mean() >= 0.985

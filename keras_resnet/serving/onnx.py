@@ -77,6 +77,17 @@ def to_onnx(model, *, image_size, meta):
         prop.key = key
         prop.value = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     proto.producer_name = "keras_resnet"
+    return drop_unused_opsets(proto)
+
+
+def drop_unused_opsets(proto):
+    """`proto` without the opset imports none of its nodes use (tf2onnx declares ai.onnx.ml, ONNX
+    Runtime's optimizer eight of its own domains): a consumer that does not know a declared domain
+    may refuse the file."""
+    used = {node.domain or "ai.onnx" for node in proto.graph.node}
+    kept = [opset for opset in proto.opset_import if (opset.domain or "ai.onnx") in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
     return proto
 
 
@@ -121,7 +132,7 @@ def quantize(proto, calibration):
                 weight_type=quantization.QuantType.QInt8,
                 calibrate_method=quantization.CalibrationMethod.Percentile,
                 nodes_to_exclude=float_nodes(onnx.load(prepared)))
-        result = onnx.load(quantized)
+        result = drop_unused_opsets(onnx.load(quantized))
     del result.metadata_props[:]
     result.metadata_props.extend(proto.metadata_props)
     return result
