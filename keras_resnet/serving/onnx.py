@@ -29,7 +29,8 @@ three images) and at most 0.8 points:
 What is left comes from rounding the activations. Over three trainings (7,500 images), the file
 changed 30 top-1s, the same file with the convolutions' float32 weights put back also 30, and the
 float32 model with only its weights rounded 6. Better weight rounding or bias correction cannot
-remove it (README, Deploy).
+remove it; nor could a search for tighter ranges, and keeping the most sensitive activations
+float32 gives up most of the speed (README, Deploy).
 
 Keras's own `model.export(format="onnx")` is not used: it leaves the Normalization layer's mean and
 variance as extra graph inputs that a client would have to feed. Freezing the traced function
