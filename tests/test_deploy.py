@@ -99,6 +99,18 @@ def test_float_formats_match_keras_in_their_own_runtime(sharp, tmp_path, fmt):
     assert runner.class_ids[9] == "n00000009"
 
 
+def _assert_standard_onnx(proto):
+    """Standard ops only, and no opset declared that no node uses (tf2onnx declares ai.onnx.ml,
+    ONNX Runtime's optimizer its own domains), so other ONNX consumers load the file."""
+    import onnx
+
+    from keras_resnet.serving import onnx as onnx_format
+
+    onnx.checker.check_model(proto, full_check=True)
+    assert [(o.domain or "ai.onnx", o.version) for o in proto.opset_import] == [
+        ("ai.onnx", onnx_format.OPSET)]
+
+
 def test_onnx_file_alone_carries_the_contract_and_class_names(sharp, tmp_path):
     import onnx
 
@@ -116,8 +128,7 @@ def test_onnx_file_alone_carries_the_contract_and_class_names(sharp, tmp_path):
     assert [d.dim_value for d in dims[1:]] == [SIZE, SIZE, 3]
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert [o.name for o in proto.graph.output] == ["probabilities"]
-    onnx.checker.check_model(proto, full_check=True)
-    assert [(o.domain or "ai.onnx", o.version) for o in proto.opset_import] == [("ai.onnx", 17)]
+    _assert_standard_onnx(proto)
     assert formats.load_runner(output).class_names[3] == "class 3, ünïcode"
 
 
@@ -590,11 +601,7 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, held_out_images,
                 onnx.TensorProto.UINT8, onnx.TensorProto.INT8], conv.name
         (softmax,) = [node for node in proto.graph.node if node.op_type == "Softmax"]
         assert made_by[softmax.input[0]].op_type in onnx_format.FLOAT_OPS
-        # Standard ops only, and no opset declared that no node uses (ONNX Runtime's optimizer
-        # declares its own domains), so other ONNX consumers load it.
-        onnx.checker.check_model(proto, full_check=True)
-        assert [(o.domain or "ai.onnx", o.version) for o in proto.opset_import] == [
-            ("ai.onnx", onnx_format.OPSET)]
+        _assert_standard_onnx(proto)
         # OpenVINO reads the same QDQ file with its own int8 kernels (the README says so).
         import openvino
 
