@@ -40,7 +40,10 @@ from pipelines.layout import (  # noqa: F401  (DataError and the names are part 
 )
 
 INDEX_FILE = ".keras_resnet_index.npz"
-INDEX_VERSION = 3  # 2: screening searches a 4 KiB tail; 3: classes without training images
+# 2: screening searches a 4 KiB tail; 3: classes without training images; 4: mapping and CSV
+# read with a byte-order mark, tab-separated mapping, CSV ImageIds with a file extension
+INDEX_VERSION = 4
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
     "keras_resnet",
@@ -207,13 +210,12 @@ def _find_layout(root: str) -> tuple[str, str | None, str]:
 def _read_synset_mapping(path: str) -> tuple[list[str], list[str]]:
     """Returns (wnids, names) sorted by wnid; the Kaggle file is already sorted (line i = class i)."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (files saved on Windows) is not part of the first class id.
+    with open(path, encoding="utf-8-sig") as f:
         for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            wnid, _, name = line.partition(" ")
-            pairs.append((wnid, name.strip() or wnid))
+            fields = line.split(maxsplit=1)  # "id names": a space or a tab between them
+            if fields:
+                pairs.append((fields[0], fields[1].strip() if len(fields) > 1 else fields[0]))
     if not pairs:
         raise DataError(f"{path} is empty: re-extract it with "
                         "`python -m keras_resnet.download --data_dir=DIR`")
@@ -224,17 +226,24 @@ def _read_synset_mapping(path: str) -> tuple[list[str], list[str]]:
 
 
 def _read_val_solution(path: str) -> dict[str, str]:
-    """ImageId -> wnid of the first box. Rows are not sorted and may carry several boxes."""
+    """ImageId -> wnid of the first box. Rows are not sorted and may carry several boxes. An
+    ImageId may also be written as a file name (`ILSVRC2012_val_00000001.JPEG`)."""
     labels = {}
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
             raise DataError(f"{path}: expected header 'ImageId,PredictionString', got {header}")
         for row in reader:
             if len(row) >= 2 and row[1].split():
-                labels[row[0].strip()] = row[1].split()[0]
+                labels[_image_id(row[0].strip())] = row[1].split()[0]
     return labels
+
+
+def _image_id(name: str) -> str:
+    """`name` without an image file extension (the Kaggle CSV's ImageIds have none)."""
+    stem, ext = os.path.splitext(name)
+    return stem if ext.lower() in IMAGE_EXTENSIONS else name
 
 
 def _list_files(directory: str) -> list[str]:
@@ -355,6 +364,11 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped):
         else:
             pairs.append((os.path.join("val", name), class_index[wnid]))
         seen.add(image_id)
+    if labels and not seen & set(labels):
+        # Not one file named as the CSV names images: the wrong CSV, or another naming scheme.
+        raise DataError(f"none of the {len(names):,} files in {val_dir} has a row in {solution} "
+                        f"(files like {sorted(names)[0]!r}, ImageIds like {min(labels)!r}): "
+                        f"use that dataset's {VAL_SOLUTION}, or sort val/ into class folders")
     if not _list_dirs(val_dir):
         # Rows without a file mean an incomplete extraction (unless valprep moved them).
         skipped += [(os.path.join(val_dir, i + ".JPEG"), f"missing (listed in {VAL_SOLUTION})")

@@ -127,6 +127,36 @@ def test_flat_val_without_solution_csv_is_an_error(tree):
         load_source("imagenet", tree["root"])
 
 
+def test_label_files_written_by_other_tools_read_the_same(tree):
+    # Other datasets in the Kaggle layout: a mapping and CSV saved with a byte-order mark and CRLF
+    # (Windows), the mapping tab-separated, the CSV's ImageIds written as file names.
+    mapping = os.path.join(tree["root"], "LOC_synset_mapping.txt")
+    solution = os.path.join(tree["root"], "LOC_val_solution.csv")
+    lines = open(mapping, encoding="utf-8").read().splitlines()
+    with open(mapping, "w", encoding="utf-8-sig", newline="\r\n") as f:
+        f.write("".join(line.replace(" ", "\t", 1) + "\n" for line in lines))
+    header, *rows = open(solution, encoding="utf-8").read().splitlines()
+    with open(solution, "w", encoding="utf-8-sig", newline="\r\n") as f:
+        f.write("".join(row + "\n" for row in [header] + [
+            row.replace(",", ".JPEG,", 1) for row in rows]))
+    src = load_source("imagenet", tree["root"])
+    assert src.class_ids == tree["class_ids"] and src.class_names == tree["class_names"]
+    assert _as_dict(src.val) == tree["val"] and _as_dict(src.train) == tree["train"]
+
+
+def test_flat_val_that_no_csv_row_names_is_an_error(tree):
+    # The wrong CSV (or another naming scheme): not an empty validation split without a word.
+    solution = os.path.join(tree["root"], "LOC_val_solution.csv")
+    header, *rows = open(solution).read().splitlines()
+    with open(solution, "w") as f:
+        f.write("\n".join([header] + ["other_" + row for row in rows]) + "\n")
+    with pytest.raises(DataError, match=r"none of the 6 files in .*val has a row in .*"
+                                        r"\(files like 'ILSVRC2012_val_\d+.JPEG', ImageIds like "
+                                        r"'other_ILSVRC2012_val_\d+'\)") as error:
+        load_source("imagenet", tree["root"])
+    assert "\n" not in str(error.value)
+
+
 def test_screen_file(tree, tmp_path):
     assert sources.screen_file(tree["cmyk"]) == ""
     assert sources.screen_file(tree["png"]) == ""
