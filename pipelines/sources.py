@@ -5,14 +5,16 @@
 
 * Kaggle, as extracted: `LOC_synset_mapping.txt` (class i = line i = i-th sorted wnid),
   `ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG`, flat `val/` labelled by `LOC_val_solution.csv`.
-* ImageFolder: `train/<class>/*`, `val/<class>/*` (what valprep.sh produces).
+* ImageFolder: `train/<class>/*`, `val/<class>/*` (what valprep.sh produces); as in torchvision,
+  files in sub-folders of a class folder belong to that class.
 * Shards: what `python -m pipelines.prepare` wrote (a TFDS dataset of TFRecord shards), on a local
   disk or any `tf.io.gfile` filesystem (gs://); splits carry `Shards` instead of file lists.
 
 Listing and screening 1.28M files is slow, so the index (file lists, labels, skipped files) is
 cached in `DIR/.keras_resnet_index.npz`, or under `cache_dir` / `~/.cache/keras_resnet` when DIR
 is read-only. The cache key is the mtime of every split and class directory plus the size and
-mtime of the label files: adding, removing or renaming a file changes its directory's mtime.
+mtime of the label files (and of the sub-folders inside class folders, checked on loading):
+adding, removing or renaming a file changes its directory's mtime.
 Rewriting a file in place does not; delete the cache file to force a rescan after doing that.
 """
 
@@ -41,7 +43,8 @@ from pipelines.layout import (  # noqa: F401  (DataError and the names are part 
 
 INDEX_FILE = ".keras_resnet_index.npz"
 # 2: screening searches a 4 KiB tail; 3: classes without training images; 4: mapping and CSV
-# read with a byte-order mark, tab-separated mapping, CSV ImageIds with a file extension
+# read with a byte-order mark, tab-separated mapping, CSV ImageIds with a file extension, class
+# folders read with their sub-folders
 INDEX_VERSION = 4
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_CACHE_DIR = os.path.join(
@@ -252,6 +255,21 @@ def _list_files(directory: str) -> list[str]:
         return [e.name for e in it if e.is_file() and not e.name.startswith(".")]
 
 
+def _list_class_folder(directory: str, nested: dict[str, int], image_root: str) -> list[str]:
+    """Names of the visible files under a class folder, relative to it. Like torchvision's
+    ImageFolder, sub-folders are read too (their paths and mtimes go into `nested`, relative to
+    `image_root`, so the cached index notices files added down there)."""
+    names = _list_files(directory)
+    here = os.path.realpath(directory) + os.sep
+    for sub in _list_dirs(directory):
+        path = os.path.join(directory, sub)
+        if here.startswith(os.path.realpath(path) + os.sep):
+            continue  # a link back up the tree
+        nested[os.path.relpath(path, image_root)] = os.stat(path).st_mtime_ns
+        names += [os.path.join(sub, n) for n in _list_class_folder(path, nested, image_root)]
+    return names
+
+
 def _list_dirs(directory: str) -> list[str]:
     with os.scandir(directory) as it:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
@@ -302,6 +320,7 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
 
     skipped: list[tuple[str, str]] = []
     splits = {}
+    nested: dict[str, int] = {}   # sub-folders of class folders -> mtime (see _load_index)
     for split in ("train", "val"):
         split_dir = os.path.join(image_root, split)
         if not os.path.isdir(split_dir):
@@ -313,7 +332,8 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
                 skipped.append((os.path.join(split_dir, sub), f"folder not a class in {split}/"))
                 continue
             pairs += [(os.path.join(split, sub, n), class_index[sub])
-                      for n in _list_files(os.path.join(split_dir, sub))]
+                      for n in _list_class_folder(os.path.join(split_dir, sub), nested,
+                                                  image_root)]
         loose = _list_files(split_dir)
         has_solution = bool(meta_dir) and os.path.isfile(os.path.join(meta_dir, VAL_SOLUTION))
         # A flat val/ needs the CSV; next to class folders, loose files are strays (or half-run
@@ -341,7 +361,7 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
         skipped += [(os.path.join(train_dir, c), "class has no training images")
                     for i, c in enumerate(class_ids) if i not in present]
     return {"class_ids": class_ids, "class_names": class_names, "splits": splits,
-            "skipped": sorted(skipped)}
+            "skipped": sorted(skipped), "nested": nested}
 
 
 def _label_flat_val(val_dir, names, meta_dir, class_index, skipped):
@@ -450,6 +470,7 @@ def _save_index(index: dict, key: str, candidates: Iterable[str]) -> str | None:
     arrays = {"meta": np.frombuffer(json.dumps({
         "version": INDEX_VERSION, "key": key, "class_ids": index["class_ids"],
         "class_names": index["class_names"], "splits": sorted(index["splits"]),
+        "nested": index["nested"],
     }).encode(), np.uint8)}
     for split, pairs in index["splits"].items():
         # One newline-joined blob: compact, and loading needs no pickle.
@@ -467,12 +488,17 @@ def _save_index(index: dict, key: str, candidates: Iterable[str]) -> str | None:
     return None
 
 
-def _load_index(key: str, candidates: Iterable[str]) -> dict | None:
+def _load_index(key: str, candidates: Iterable[str], image_root: str) -> dict | None:
     for path in candidates:
         try:
             with np.load(path) as z:
                 meta = json.loads(z["meta"].tobytes())
                 if meta.get("version") != INDEX_VERSION or meta.get("key") != key:
+                    continue
+                # The key holds the class folders' mtimes; sub-folders inside them are checked
+                # here (none for ImageNet: nothing more to stat).
+                if any(_mtime_ns(os.path.join(image_root, d)) != t
+                       for d, t in meta["nested"].items()):
                     continue
                 splits = {}
                 for split in meta["splits"]:
@@ -482,10 +508,17 @@ def _load_index(key: str, candidates: Iterable[str]) -> dict | None:
                 blob = z["skipped"].tobytes().decode()
                 skipped = [tuple(line.split("\t", 1)) for line in blob.split("\n")] if blob else []
             return {"class_ids": meta["class_ids"], "class_names": meta["class_names"],
-                    "splits": splits, "skipped": skipped}
+                    "splits": splits, "skipped": skipped, "nested": meta["nested"]}
         except (OSError, ValueError, KeyError):
             continue    # missing or damaged cache: rebuild
     return None
+
+
+def _mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def _load_folder_source(name: str, data_dir: str, cache_dir: str | None, screen: str,
@@ -498,7 +531,7 @@ def _load_folder_source(name: str, data_dir: str, cache_dir: str | None, screen:
         raise ValueError(f"screen={screen!r}; valid: {', '.join(formats.SCREENS)}")
     key = _tree_key(image_root, meta_dir) + ("" if screen == "header" else f":{screen}")
     candidates = _index_paths(data_dir, image_root, cache_dir)
-    index = _load_index(key, candidates)
+    index = _load_index(key, candidates, image_root)
     if index is None:
         # The key is taken before listing, so a tree that changes while we list is re-indexed.
         index = _build_index(image_root, meta_dir, screen)

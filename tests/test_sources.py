@@ -72,6 +72,28 @@ def test_imagefolder_layout_after_valprep(tree, tmp_path):
     assert dict(src.skipped)[str(folder / "train" / "n99999999")] == "class has no training images"
 
 
+def test_imagefolder_class_folders_with_sub_folders(tmp_path):
+    # As torchvision's ImageFolder: train/<class>/<any sub-folder>/<file> belongs to <class>.
+    from tests.kaggle_tree import image_bytes
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    expected = {}
+    for label, name in enumerate(["bird", "cat"]):
+        for rel in ("a.jpg", "2019/b.jpg", "2019/05/c.png"):
+            path = root / "train" / name / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(image_bytes(rng, 32, fmt="PNG" if rel.endswith("png") else "JPEG"))
+            expected[str(path)] = label
+    (root / "train" / "cat" / "2019" / "up").symlink_to(root / "train")  # a loop: not followed
+    src = load_source("imagenet", str(root))
+    assert src.class_ids == ["bird", "cat"] and _as_dict(src.train) == expected
+    # A file added two levels down changes no mtime the key holds; the index notices it anyway.
+    new = root / "train" / "bird" / "2019" / "05" / "d.jpg"
+    new.write_bytes(image_bytes(rng, 32))
+    assert _as_dict(load_source("imagenet", str(root)).train) == {**expected, str(new): 0}
+
+
 def test_index_is_cached_and_invalidated_when_the_tree_changes(tree, monkeypatch):
     first = load_source("imagenet", tree["root"])
     assert os.path.isfile(os.path.join(tree["root"], sources.INDEX_FILE))
