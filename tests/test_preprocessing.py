@@ -147,3 +147,17 @@ def test_truncated_jpeg_decodes_what_is_there():
     cut = big[: len(big) * 9 // 10]
     assert pp.decode_image(cut).shape == (200, 240, 3)
     assert pp.preprocess_for_train(cut, 32, [1, 2]).shape == (32, 32, 3)
+
+
+def test_format_check_of_bytes_shorter_than_a_signature_says_no():
+    # The SavedModel checks every format on what a client sends: 0-11 bytes must read as "not
+    # that format" (substr past the end raised "pos 8 out of range" from the WebP check).
+    import tensorflow as tf
+
+    from pipelines import formats
+    from pipelines.preprocessing import has_format
+
+    for data in (b"", b"hello", b"\xff\xd8\xff", b"RIFF1234WEB"):
+        found = [k for k in formats.SIGNATURES if has_format(tf.constant(data), k).numpy()]
+        assert found == ([formats.image_format(data)] if formats.image_format(data) else []), data
+    assert has_format(tf.constant(b"RIFF1234WEBP"), "WebP").numpy()
