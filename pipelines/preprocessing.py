@@ -32,9 +32,10 @@ EVAL_ANTIALIAS = True
 def has_format(image_bytes, kind: str) -> tf.Tensor:
     """True if the bytes carry the signature of format `kind` of pipelines.formats.SIGNATURES
     (whatever the file name says)."""
-    # Padded with zeros (no signature holds one where the padding lands): substr raises for an
-    # offset past the end, and bytes shorter than a signature's offset must read as "not it".
-    padded = tf.strings.join([image_bytes, b"\0" * formats.HEADER_BYTES])
+    # The header padded with zeros (no signature holds one where the padding lands): substr
+    # raises for an offset past the end, and bytes shorter than an offset must read as "not it".
+    padded = tf.strings.join([tf.strings.substr(image_bytes, 0, formats.HEADER_BYTES),
+                              b"\0" * formats.HEADER_BYTES])
     return tf.reduce_all([tf.equal(tf.strings.substr(padded, offset, len(part)), part)
                           for offset, part in formats.SIGNATURES[kind]])
 
