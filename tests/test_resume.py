@@ -131,6 +131,9 @@ def test_sigkill_mid_epoch_resumes_exactly(data_dir, uninterrupted, tmp_path):
     assert code == -signal.SIGKILL
     killed_at = latest_step(run_dir)
     assert 3 <= killed_at < EPOCHS * 7
+    # The class list is there from the start: predict/export of a killed run can name classes.
+    classes = json.loads(open(os.path.join(run_dir, "run", "classes.json")).read())
+    assert classes["class_ids"] == ["n01440764", "n01441764", "n01442764"]
     resumed = run_to_end(args)
     assert "Resuming at epoch" in resumed.stdout
     assert_same_run(run_dir, uninterrupted)
@@ -190,4 +193,30 @@ def test_checkpoint_of_another_depth_or_batch_size_is_refused(data_dir, uninterr
             capture_output=True, text=True, timeout=600, cwd=REPO)
         assert result.returncode != 0
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert before == {name: open(os.path.join(run, name)).read() for name in before}
+
+
+def test_run_folder_of_another_dataset_with_as_many_classes_is_refused(
+        data_dir, uninterrupted, tmp_path):
+    # Same class count, other class ids: resuming (or "already finished") would export the old
+    # model under the new dataset's class names.
+    import shutil
+
+    from tests.kaggle_tree import IMAGE_ROOT
+
+    other = tmp_path / "other"
+    train = os.path.join(data_dir, IMAGE_ROOT, "train")
+    for i, wnid in enumerate(sorted(os.listdir(train))):
+        for split in ("train", "val"):
+            shutil.copytree(os.path.join(train, wnid), other / split / f"kind{i}")
+    run = os.path.join(uninterrupted, "run")
+    before = {name: open(os.path.join(run, name)).read()
+              for name in ("run.json", "config.json", "classes.json")}
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_main.py"), *flags(str(other), uninterrupted)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode != 0
+    assert ("class ids: 3 in the checkpoint vs 3 now, the first that differs is #0: checkpoint "
+            "'n01440764' vs now 'kind0'") in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "already holds" not in result.stdout
     assert before == {name: open(os.path.join(run, name)).read() for name in before}

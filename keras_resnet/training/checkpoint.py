@@ -36,7 +36,9 @@ BEST_JSON = "best.json"
 RUN_JSON = "run.json"
 # Fields of run.json that must match for a checkpoint to be restorable into the new model
 # ("frozen": the optimizer's slots follow the trainable variables, so freezing changes them).
-IDENTITY_FIELDS = ("depth", "variant", "conv_bias", "num_classes", "frozen")
+# "class_ids": another dataset with as many classes would otherwise resume (or be reported as
+# finished) and export the old model under the new dataset's class names.
+IDENTITY_FIELDS = ("depth", "variant", "conv_bias", "num_classes", "class_ids", "frozen")
 # Fields that must match for the run to continue where it stopped: the learning-rate schedule
 # counts optimizer steps, and the saved data position counts batches, of this global batch size.
 RUN_FIELDS = ("batch_size",)
@@ -61,7 +63,7 @@ def check_run_identity(model_dir, identity):
     previous = read_json(path)
     if previous is not None:
         def differ(fields):  # a field missing from an older run.json is not compared
-            return ", ".join(f"{k}: checkpoint {previous[k]!r} vs now {identity[k]!r}"
+            return ", ".join(_difference(k, previous[k], identity[k])
                              for k in fields if k in previous and previous[k] != identity[k])
 
         if differ(IDENTITY_FIELDS):
@@ -74,6 +76,17 @@ def check_run_identity(model_dir, identity):
                 "its learning-rate schedule and data position count steps of that size; resume "
                 "with the original --batch_size or use another --model_dir.")
     write_json_atomic(path, identity)
+
+
+def _difference(key, before, now):
+    """'key: checkpoint X vs now Y'; for the class ids, the first position where they differ."""
+    if key == "class_ids" and isinstance(before, list):
+        at = next((i for i, (a, b) in enumerate(zip(before, now)) if a != b),
+                  min(len(before), len(now)))
+        first = (lambda ids: repr(ids[at]) if at < len(ids) else "none")
+        return (f"class ids: {len(before)} in the checkpoint vs {len(now)} now, the first that "
+                f"differs is #{at}: checkpoint {first(before)} vs now {first(now)}")
+    return f"{key}: checkpoint {before!r} vs now {now!r}"
 
 
 class TrainingCheckpoint:

@@ -163,8 +163,8 @@ def build(config, runtime, data):
     """The compiled model in the strategy's scope, restored from the run's latest checkpoint when
     there is one (a run of another network or batch size is refused)."""
     identity = {"depth": config.depth, "variant": config.variant, "conv_bias": config.conv_bias,
-                "num_classes": data.num_classes, "batch_size": config.batch_size,
-                "frozen": list(config.frozen_groups)}
+                "num_classes": data.num_classes, "class_ids": list(data.class_ids),
+                "batch_size": config.batch_size, "frozen": list(config.frozen_groups)}
     with runtime.strategy.scope():
         model = make_model(config, data.num_classes)
         finetune.freeze(model, config.frozen_groups)  # before compile, which collects trainables
@@ -181,6 +181,7 @@ def build(config, runtime, data):
         try:
             if runtime.writer:
                 ckpt_lib.check_run_identity(runtime.model_dir, identity)
+                _write_classes(runtime.model_dir, data)
             start_epoch, start_step = ckpt.restore()
         except ckpt_lib.CheckpointMismatchError as e:
             raise UserError(str(e)) from None
@@ -191,6 +192,15 @@ def build(config, runtime, data):
         logging.info("Resumed from %s (global step %d).",
                      tf.train.latest_checkpoint(ckpt.restore_directory), trainer.global_step)
     return trainer
+
+
+def _write_classes(model_dir, data):
+    """classes.json beside the checkpoints from the start, so predict and export can name the
+    classes of a run that is still training or was killed."""
+    from keras_resnet.serving import export
+
+    export.write_classes_json(os.path.join(model_dir, CLASSES_JSON), data.class_ids,
+                              data.class_names)
 
 
 def _init_from(config, model, data, resuming):
@@ -298,7 +308,7 @@ def _interruption_error(e, trainer, stop):
 
 
 def finish(config, runtime, data, trainer, throughput):
-    """The chief writes classes.json, latest.keras, the SavedModel export (of the best model),
+    """The chief writes latest.keras, the SavedModel export (of the best model),
     results.json and curves.png; returns the results (None on other workers)."""
     if not runtime.writer:
         return None
@@ -306,9 +316,6 @@ def finish(config, runtime, data, trainer, throughput):
 
     model_dir = runtime.model_dir
     metrics, best_path = _best_metrics(model_dir)
-    # Beside best.keras / latest.keras, so predict and export can use them later.
-    export.write_classes_json(os.path.join(model_dir, CLASSES_JSON), data.class_ids,
-                              data.class_names)
     ckpt_lib.save_keras_atomic(trainer.model, os.path.join(model_dir, ckpt_lib.FINAL_MODEL))
     export_path = None
     if config.export:
