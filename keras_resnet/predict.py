@@ -58,7 +58,9 @@ def main(flag_values, images):
             print(f"error: cannot read {path}: {e.strerror}.", file=sys.stderr)
             failed += 1
             continue
-        except tf.errors.InvalidArgumentError as e:
+        except (tf.errors.OpError, UnicodeDecodeError) as e:
+            # OpError: any decoder failure, not only InvalidArgument (a runtime's own error for
+            # odd bytes); UnicodeDecodeError: an error message holding the file's raw bytes.
             print(f"error: cannot decode {path}: {predict_lib.error_line(e)}.", file=sys.stderr)
             failed += 1
             continue

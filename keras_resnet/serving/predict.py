@@ -92,6 +92,8 @@ def _check_image_bytes(data):
 def error_line(e):
     """The informative line of a TensorFlow error (not the graph and node boilerplate), said of
     one file (the SavedModel's messages name the batch element: always 0 here)."""
+    if isinstance(e, UnicodeDecodeError):
+        return "the decoder rejected the bytes (its message was not text)"
     for line in str(getattr(e, "message", e)).splitlines():
         line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\].*$", "", line).strip()
         if line and not line.startswith(("Graph execution error", "Detected at node",
