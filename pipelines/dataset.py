@@ -30,6 +30,8 @@ _ORDER_SALT, _AUGMENT_SALT, _MIX_SALT = 0, 1, 2
 CACHE_MAX_BYTES = 1 << 30
 # Shuffle buffer for splits given as records (TFDS), which have no file list to permute.
 RECORDS_SHUFFLE_BUFFER = 10_000
+# Files tried in turn, in index order, after a training file that fails to decode.
+SUBSTITUTES = 3
 # Prepared shards (pipelines.prepare): an input pipeline reads SHARD_CYCLE shards at a time,
 # round robin, and permutes each window of SHUFFLE_WINDOW consecutive records (see _shard_plan).
 SHARD_CYCLE = 16
@@ -298,9 +300,10 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     dynamically across service workers, so every example is decoded once per epoch (with
     "parallel_epochs" each service worker would emit the whole epoch again). Batches are formed on
     the client; order is then non-deterministic, the pixels of each example are not.
-    A file that cannot be read or decoded is logged and dropped, and the stream is topped up from
-    the epoch after the last one, so the number of batches stays exact (later batches of the run
-    shift by one example per bad file).
+    A file that cannot be read or decoded is logged and replaced in its batch by the next file of
+    the index (SUBSTITUTES tried), so later batches, and a resume, are as without the failure. A
+    record (TFDS, shards) that fails is dropped and the stream topped up from the epoch after the
+    last one: the number of batches stays exact, later batches shift by one example.
     max_steps_per_epoch: shorter epochs (each still a fresh permutation of the whole split), so a
     capped run's epochs and data epochs stay aligned.
     crop_area_range, crop_aspect_range: RandomResizedCrop's scale and ratio.
@@ -373,6 +376,22 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         raw = tf.io.read_file(files[idx]) if image_bytes is None else image_bytes[idx]
         return keep(train_image(raw, epoch, pos), labels[idx], epoch, pos)
 
+    def load_batch(epochs, positions, idxs):
+        # One batch's positions: their files, then, in place of any that fails to decode (it
+        # passed the start-up check), the next file of the index (then the next), read only after
+        # a failure. Every batch keeps its positions, so the batches after it, and a resume that
+        # skips whole batches, stay as in an uninterrupted run.
+        def read(shift):
+            ds = tf.data.Dataset.from_tensor_slices(
+                (epochs, positions, (idxs + shift) % split.num_examples))
+            return ds.map(load, num_parallel_calls=AUTOTUNE,
+                          deterministic=deterministic).ignore_errors(log_warning=True)
+
+        ds = read(0)
+        for shift in range(1, 1 + SUBSTITUTES):
+            ds = ds.concatenate(read(shift))
+        return ds.take(tf.size(positions, out_type=tf.int64))
+
     def load_record(epoch, pos, raw, label):
         return keep(train_image(raw, epoch, pos), tf.cast(label, tf.int64), epoch, pos)
 
@@ -380,7 +399,10 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         if has_files:
             ds = _file_positions(split.num_examples, examples_per_epoch, seed, first_epoch,
                                  epochs, skip_positions, pipeline_id, num_pipelines, repeated_aug)
-            ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+            # Positions per pipeline come in batch-sized groups, aligned with the batches.
+            ds = ds.batch(batch_size).interleave(
+                load_batch, cycle_length=2, block_length=batch_size, num_parallel_calls=2,
+                deterministic=deterministic)
         elif shards is not None:   # read sequentially; --cache would hold the whole run's stream
             ds = _shard_positions(shards, examples_per_epoch, seed, first_epoch, epochs,
                                   skip_positions, pipeline_id, num_pipelines)
@@ -391,7 +413,8 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
             if cache:
                 ds = ds.cache("" if cache == "memory" else cache)
             ds = ds.map(load_record, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-        # Truncated/corrupt files (a few in ImageNet) must not stop training: drop, top up below.
+        # A record that fails to decode (and, for files, SUBSTITUTES more after it) must not stop
+        # training: it is dropped and the count topped up below.
         ds = ds.ignore_errors(log_warning=True)
         if data_service:
             ds = ds.apply(tf.data.experimental.service.distribute(

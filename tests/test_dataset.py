@@ -140,7 +140,13 @@ def test_bad_files_keep_the_epoch_length(split, tmp_path):
     assert len(batches) == 2 * 5
     assert all(x.shape == (BATCH, SIZE, SIZE, 3) for x, _ in batches)
     labels = _labels(batches)
-    assert 0 not in labels and 2 not in labels  # undecodable files are dropped, topped up
+    assert 0 not in labels and 2 not in labels  # undecodable files are replaced
+    # In place, by the next file of the index: the batches after it are those of a run without
+    # the failure, so a resume (which skips positions) continues the same stream exactly.
+    for skip_steps in (1, 6):
+        resumed = _train(broken, num_epochs=2, skip_steps=skip_steps)
+        np.testing.assert_array_equal(_labels(resumed), labels[skip_steps * BATCH:])
+        np.testing.assert_array_equal(_pixels(resumed), _pixels(batches[skip_steps:]))
 
 
 def test_cache_gives_the_same_batches(split, tmp_path):
