@@ -36,12 +36,20 @@ def atomic_path(path):
     try:
         yield tmp
         _fsync_file(tmp)
+        if os.path.isfile(tmp):  # some writers (safetensors) create their file private (0600)
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def _umask():
+    mask = os.umask(0o022)  # reading the umask means setting it: set it back at once
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(path, data):

@@ -114,6 +114,9 @@ def test_written_weights_read_back_identical(tmp_path, fmt, suffix):
     model = build_resnet(18, num_classes=NUM_CLASSES, input_shape=(SIZE, SIZE, 3))
     path = weights.write_weights(model, str(tmp_path / f"out{suffix}"), fmt)
     assert os.listdir(tmp_path) == [f"out{suffix}"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user writes
     state, _ = weights.read_state_dict(path)
     expected = weights.export_state_dict(model)
     assert state.keys() == expected.keys()
@@ -146,6 +149,15 @@ def test_torch_loads_our_file_strict_and_agrees(tmp_path, conv_bias):
     with torch.no_grad():
         got = net(torch.from_numpy(_normalised(x).astype(np.float32)).permute(0, 3, 1, 2)).numpy()
     assert _rel_err(got, model.predict(x, verbose=0)) < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["torchvision", "safetensors"])
+def test_v1_bottleneck_model_is_not_written_in_torchvision_names(tmp_path, fmt):
+    # Same shapes as v1.5: torchvision would load it strictly and compute something else.
+    model = build_resnet(50, num_classes=NUM_CLASSES, input_shape=(SIZE, SIZE, 3), variant="v1")
+    with pytest.raises(WeightsError, match=r"ResNet v1 model .* --format=onnx"):
+        weights.write_weights(model, str(tmp_path / "v1.pth"), fmt)
+    assert not os.listdir(tmp_path)
 
 
 def test_our_keras_file_and_training_dir_read(tmp_path):

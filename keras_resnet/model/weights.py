@@ -299,6 +299,13 @@ def write_weights(model, path, fmt):
     atomically. Returns `path`."""
     if fmt not in FORMATS:
         raise WeightsError(f"unknown weights format {fmt!r}; valid: {', '.join(FORMATS)}.")
+    if _model_variant(model) == "v1":
+        # Same tensor shapes as v1.5, so torchvision would load it strictly and compute
+        # something else (its bottleneck strides the 3x3 conv, v1 the first 1x1).
+        raise WeightsError(
+            f"this is a ResNet v1 model (stride in the bottleneck's first 1x1 conv); "
+            f"torchvision's and timm's ResNets are v1.5, so --format={fmt} would load there and "
+            "give wrong outputs. Export it with --format=onnx, litert or saved_model instead.")
     state = export_state_dict(model)
     if fmt == "torchvision":
         return files.write_bytes_atomic(path, torch_format.torch_file_bytes(state))
