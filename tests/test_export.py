@@ -253,6 +253,28 @@ def test_logits_model_with_dynamic_input_exports_probabilities(images, tmp_path)
     assert out["names"][0, 0] == out["labels"][0, 0]  # no names given: names are the ids
 
 
+def test_mixed_precision_model_is_served_in_float32(model, images, tmp_path):
+    # A bfloat16 run's model: served as is, probabilities moved by up to 1e-2.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = build_resnet(18, num_classes=len(CLASS_IDS), input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+                             include_preprocessing=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    mixed.set_weights(model.get_weights())
+    assert mixed.get_layer("conv1").compute_dtype == "bfloat16"
+    version_dir = export.export_saved_model(mixed, str(tmp_path), image_size=IMAGE_SIZE,
+                                            class_ids=CLASS_IDS)
+    pixels = np.stack([preprocess_for_eval(images[n].read_bytes(), IMAGE_SIZE).numpy()
+                       for n in sorted(images)])
+    out = tf.saved_model.load(version_dir).signatures["serving_default"](
+        image_bytes=tf.constant([images[n].read_bytes() for n in sorted(images)]))
+    want = model.predict(pixels, verbose=0)
+    np.testing.assert_allclose(out["probabilities"], want, rtol=0, atol=PROB_ATOL)
+    np.testing.assert_allclose(export.probabilities_fn(mixed)(pixels), want, rtol=0,
+                               atol=PROB_ATOL)
+
+
 def test_export_rejects_mismatches(model, tmp_path):
     with pytest.raises(ValueError, match="7 classes but 2 class ids"):
         export.export_saved_model(model, str(tmp_path), image_size=IMAGE_SIZE,

@@ -57,17 +57,12 @@ def deploy_model(model, image_size):
     from keras_resnet.serving import export
 
     export._check_model(model, image_size)
-
-    def clone_layer(layer):
-        config = layer.get_config()
-        config["dtype"] = "float32"
-        if isinstance(layer, FusedBatchNormalization):
-            return keras.layers.BatchNormalization.from_config(config)
-        return layer.__class__.from_config(config)
-
     inputs = keras.Input((image_size, image_size, 3), dtype="float32", name=INPUT_NAME)
-    clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_layer)
-    clone.set_weights(model.get_weights())
+    clone = export.float32_model(
+        model, input_tensors=inputs,
+        layer_class=lambda layer: (keras.layers.BatchNormalization
+                                   if isinstance(layer, FusedBatchNormalization)
+                                   else layer.__class__))
     outputs = clone.outputs[0]
     if model.layers[-1].name == "logits":
         outputs = keras.layers.Softmax(name=OUTPUT_NAME, dtype="float32")(outputs)

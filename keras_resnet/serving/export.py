@@ -90,8 +90,33 @@ def latest_version_dir(path):
 
 # --- export ------------------------------------------------------------------------------------
 
+def float32_model(model, input_tensors=None, layer_class=None):
+    """`model` computing in float32: a copy sharing its weights' values when any layer computes
+    in another precision (a mixed-precision run's model computes in bfloat16 or float16, which
+    moved served probabilities by up to 1e-2 from the float32 maths of every deploy format).
+
+    input_tensors: new inputs for the copy (copied even when already float32);
+    layer_class(layer): the class to rebuild a layer with (default: its own)."""
+    if input_tensors is None and all(
+            layer.dtype_policy.compute_dtype == "float32" for layer in model.layers
+            if not isinstance(layer, keras.layers.InputLayer)):
+        return model
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32"
+        return (layer_class(layer) if layer_class else layer.__class__).from_config(config)
+
+    clone = keras.models.clone_model(model, input_tensors=input_tensors,
+                                     clone_function=clone_layer)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def probabilities_fn(model):
-    """The model's output as float32 probabilities (softmax applied when it ends in logits)."""
+    """The model's output as float32 probabilities (softmax applied when it ends in logits),
+    computed in float32 whatever precision the model was trained in."""
+    model = float32_model(model)
     is_logits = model.layers[-1].name == "logits"
 
     def fn(images):
@@ -127,6 +152,7 @@ def _has_end_marker(data):
 
 def _build_archive(model, image_size, class_ids, class_names, resize_size=0):
     image_spec = tf.TensorSpec([image_size, image_size, 3], tf.uint8)
+    model = float32_model(model)  # the archive tracks the variables the signatures use
     probabilities = probabilities_fn(model)
     ids = tf.constant(class_ids)
     names = tf.constant(class_names)
