@@ -20,14 +20,18 @@ EVAL_RESIZE_RATIO = 256 / 224  # Resize(256) before CenterCrop(224), scaled to a
 # Passed as `acceptable_fraction` with try_recover_truncated=True: a truncated JPEG that reaches
 # the decoder decodes with its missing rows grey instead of stopping training (TF 2.21 does not
 # always enforce the fraction). Index-time screening (pipelines.sources) already leaves out JPEGs
-# without an end-of-image marker; files that fail to decode anyway are dropped by the dataset and
-# replaced by spare examples, so step counts stay exact.
+# without an end-of-image marker; files that fail to decode anyway are replaced in their batch by
+# the dataset (pipelines.dataset.SUBSTITUTES), so step counts and resumes stay exact.
 TRUNCATED_MIN_FRACTION = 0.75
 RESIZE_METHOD = "bilinear"
 # Antialiased resizing (what PIL does) doubled the CPU time per training image (2.3 vs 1.1 ms on
 # 2 cores), so training resizes without it; evaluation keeps it to match torchvision's numbers.
 TRAIN_ANTIALIAS = False
 EVAL_ANTIALIAS = True
+# libjpeg's accurate integer IDCT, as PIL, torchvision and OpenCV decode: TensorFlow's default is
+# the fast one, whose pixels differ from theirs by up to ~6 levels, so a client decoding with
+# PIL (the deploy contract) fed the model other pixels than our evaluation did.
+JPEG_DCT = "INTEGER_ACCURATE"
 
 def has_format(image_bytes, kind: str) -> tf.Tensor:
     """True if the bytes carry the signature of format `kind` of pipelines.formats.SIGNATURES
@@ -55,7 +59,7 @@ def decode_image(image_bytes, recover_truncated: bool = True) -> tf.Tensor:
     recover = dict(try_recover_truncated=True, acceptable_fraction=TRUNCATED_MIN_FRACTION)
     image = tf.cond(
         is_jpeg(image_bytes),
-        lambda: tf.io.decode_jpeg(image_bytes, channels=3,
+        lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method=JPEG_DCT,
                                   **(recover if recover_truncated else {})),
         lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
     )
@@ -116,7 +120,7 @@ def _decode_and_random_crop(image_bytes, seed, area_range=CROP_AREA_RANGE,
     def jpeg():
         window = window_of(tf.image.extract_jpeg_shape(image_bytes))
         return tf.image.decode_and_crop_jpeg(
-            image_bytes, window, channels=3, try_recover_truncated=True,
+            image_bytes, window, channels=3, dct_method=JPEG_DCT, try_recover_truncated=True,
             acceptable_fraction=TRUNCATED_MIN_FRACTION)
 
     def other():  # PNG (also when named .JPEG) never reaches decode_and_crop_jpeg, which rejects it
