@@ -11,8 +11,10 @@ Weights: .pth/.pt (torch.save, read without running pickled code), .safetensors,
 training directory (its latest checkpoint) or a SavedModel export. The architecture (depth, conv
 biases, classes) is read from the file; v1 and v1.5 cannot be told apart from shapes (--variant).
 Protocols: center_crop (--resize_size, --crop_size; default crop = --image_size, resize =
-crop * 256/224; a SavedModel given no size: the sizes it was exported with), ten_crop,
-full_image. The library is `keras_resnet.serving.evaluate`.
+crop * 256/224; given no size, a SavedModel is evaluated at the sizes it was exported with and a
+run directory or its .keras file at the run's evaluation sizes), ten_crop, full_image. A model
+that records its classes (a SavedModel, a run's classes.json) must have the dataset's; validation
+files that do not decode are left out and counted. The library is `keras_resnet.serving.evaluate`.
 """
 
 import os
@@ -38,7 +40,8 @@ def define_flags(values):
                          flag_values=values)
     flags.DEFINE_enum("variant", None, ["v1", "v1.5"], "Bottleneck variant (default: v1.5, or "
                       "what our own file records).", flag_values=values)
-    flags.DEFINE_integer("image_size", 224, "Evaluation crop size.", flag_values=values)
+    flags.DEFINE_integer("image_size", 224, "Evaluation crop size (not given: a SavedModel's or "
+                         "a run's own, else 224).", flag_values=values)
     flags.DEFINE_enum("protocol", "center_crop", list(PROTOCOLS), "Evaluation protocol.",
                       flag_values=values)
     flags.DEFINE_integer("crop_size", None, "Crop size (default --image_size; FixRes: larger "
@@ -77,13 +80,16 @@ def main(flag_values, args):
         result = evaluate.evaluate_path(
             flag_values.weights, source.val, protocol, batch_size=flag_values.batch_size,
             depth=flag_values.depth, variant=flag_values.variant,
-            num_classes=source.num_classes, strategy=strategy,
+            num_classes=source.num_classes, class_ids=source.class_ids, strategy=strategy,
             sizes_given=any(not flag_values[name].using_default_value
                             for name in ("image_size", "crop_size", "resize_size")))
     except (WeightsError, sources.DataError, ValueError, OSError) as e:
         return cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     result["dataset"] = flag_values.dataset
     print(evaluate.format_table([result]))
+    if result["skipped"]:
+        print(f"{result['skipped']} of {result['skipped'] + result['images']} validation "
+              "images could not be decoded and were left out.", file=sys.stderr)
     if flag_values.json:
         from keras_resnet.files import write_json_atomic
 

@@ -55,6 +55,13 @@ def test_evaluate_gives_the_runs_top1(demo_run):
         assert result["top5"] == pytest.approx(recorded["val_top5"], abs=1e-6), path
         assert (result["protocol"], result["crop_size"], result["resize_size"]) == (
             "center_crop", SIZE, preprocessing.eval_resize_size(SIZE))
+    # Given no size, a run directory (or its .keras file) is evaluated at the run's own size.
+    out = demo_run / "eval-run-sizes.json"
+    assert evaluate_cmd.run([f"--weights={run_dir}", "--dataset=demo",
+                             f"--data_dir={demo_run / 'data'}", f"--json={out}"]) == 0
+    result = json.loads(out.read_text())
+    _, sized = _evaluate(demo_run, run_dir)  # its latest checkpoint, --image_size given
+    assert (result["crop_size"], result["top1"]) == (SIZE, sized["top1"])
 
 
 @pytest.mark.slow  # trains a demo model in a subprocess (module fixture)
@@ -165,10 +172,11 @@ def test_a_fixres_saved_model_is_evaluated_at_its_own_sizes(tmp_path):
     keras.utils.set_random_seed(0)
     model = build_resnet(18, num_classes=3, input_shape=(None, None, 3),
                          include_preprocessing=True)
+    source = load_source("demo", make_demo(str(tmp_path / "data"), num_classes=3,
+                                           train_per_class=1, val_per_class=2))
+    split = source.val
     saved = export.export_saved_model(model, str(tmp_path / "export"), image_size=40,
-                                      class_ids=["a", "b", "c"], resize_size=52)
-    split = load_source("demo", make_demo(str(tmp_path / "data"), num_classes=3,
-                                          train_per_class=1, val_per_class=2)).val
+                                      class_ids=source.class_ids, resize_size=52)
     result = evaluate.evaluate_path(saved, split, evaluate.Protocol.make(
         "center_crop", 40, resize_size=52), progress=False)
     assert (result["images"], result["crop_size"], result["resize_size"]) == (6, 40, 52)
@@ -187,3 +195,40 @@ def test_a_fixres_saved_model_is_evaluated_at_its_own_sizes(tmp_path):
     assert json.loads(out.read_text())["resize_size"] == 52
     assert evaluate_cmd.run([f"--weights={tmp_path / 'export'}", "--dataset=demo",
                              f"--data_dir={tmp_path / 'data'}", "--image_size=40"]) == 1
+
+
+def test_saved_model_evaluation_leaves_out_a_broken_file_and_refuses_other_classes(tmp_path):
+    # The serving signature refuses a whole batch for one bad file: the others are scored.
+    import dataclasses
+
+    import keras
+
+    from keras_resnet.model.resnet import build_resnet
+    from keras_resnet.serving import export
+    from pipelines.demo import make_demo
+    from pipelines.sources import load_source
+
+    keras.utils.set_random_seed(0)
+    model = build_resnet(18, num_classes=3, input_shape=(None, None, 3),
+                         include_preprocessing=True)
+    source = load_source("demo", make_demo(str(tmp_path / "data"), num_classes=3,
+                                           train_per_class=1, val_per_class=2))
+    saved = export.export_saved_model(model, str(tmp_path / "export"), image_size=32,
+                                      class_ids=source.class_ids)
+    broken = tmp_path / "broken.jpg"
+    data = open(source.val.files[0], "rb").read()
+    broken.write_bytes(data[:20] + b"\x00" * 200 + b"\xff\xd9")  # passes the checks, won't decode
+    split = dataclasses.replace(source.val, files=np.array([str(broken), *source.val.files]),
+                                labels=np.array([0, *source.val.labels]), num_examples=None)
+    protocol = evaluate.Protocol.make("center_crop", 32)
+    result = evaluate.evaluate_path(saved, split, protocol, batch_size=4, progress=False,
+                                    num_classes=3, class_ids=source.class_ids)
+    whole = evaluate.evaluate_path(saved, source.val, protocol, batch_size=4, progress=False)
+    assert (result["images"], result["skipped"]) == (6, 1)
+    assert (result["top1"], result["top5"]) == (whole["top1"], whole["top5"])
+    other = [*source.class_ids[:2], "zebra"]
+    for kwargs, message in ((dict(num_classes=4), "predicts 3 classes but the dataset has 4"),
+                            (dict(num_classes=3, class_ids=other),
+                             r"trained on other classes than the dataset's \(class #2 is")):
+        with pytest.raises(ValueError, match=message):
+            evaluate.evaluate_path(saved, source.val, protocol, progress=False, **kwargs)

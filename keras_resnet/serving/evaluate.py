@@ -148,14 +148,29 @@ def keras_predictor(model, strategy=None):
 
 
 def saved_model_predictor(path):
-    """(encoded bytes [N] -> probabilities [N, C], crop size, resize size) of a SavedModel
-    export; a size is None when the export does not record it."""
+    """(encoded bytes [N] -> probabilities [N, C], crop size, resize size, class ids) of a
+    SavedModel export; a size or the ids are None when the export does not record them."""
     loaded = tf.saved_model.load(path)
     fn = loaded.signatures["serving_default"]
     image_size, resize_size = (int(getattr(loaded, name)[0].numpy()) if hasattr(loaded, name)
                                else None for name in ("image_size", "resize_size"))
+    class_ids = ([c.decode("utf-8") for c in loaded.class_ids[0].numpy()]
+                 if hasattr(loaded, "class_ids") else None)
     return ((lambda data: fn(image_bytes=tf.constant(data))["probabilities"].numpy()), image_size,
-            resize_size)
+            resize_size, class_ids)
+
+
+def _predict_each(predict, inputs, labels):
+    """(probabilities, labels) of the inputs that `predict` takes one at a time, for a batch it
+    refused (a SavedModel refuses a whole batch for one file that does not decode)."""
+    rows, kept = [], []
+    for i in range(len(inputs)):
+        try:
+            rows.append(predict(inputs[i:i + 1])[0])
+            kept.append(i)
+        except tf.errors.InvalidArgumentError:
+            pass
+    return (np.stack(rows) if rows else None), labels[kept]
 
 
 # --------------------------------------------------------------------------------- evaluating
@@ -177,7 +192,12 @@ def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=
             flat = inputs.reshape((-1,) + inputs.shape[2:])
             probs = predict(flat).reshape(len(labels), crops_per_image, -1).mean(axis=1)
         else:
-            probs = predict(inputs)
+            try:
+                probs = predict(inputs)
+            except tf.errors.InvalidArgumentError:
+                probs, labels = _predict_each(predict, inputs, labels)
+                if probs is None:
+                    continue
         # Rank of the true class: how many classes score strictly higher (ties favour it, as
         # Keras's in_top_k does).
         true = probs[np.arange(len(labels)), labels]
@@ -191,18 +211,22 @@ def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=
 
 
 def evaluate_path(path, split, protocol, *, batch_size=64, depth=None, variant=None,
-                  num_classes=None, strategy=None, progress=True, sizes_given=True):
-    """Evaluates the weights or SavedModel at `path` on `split`; returns the result dict.
+                  num_classes=None, class_ids=None, strategy=None, progress=True,
+                  sizes_given=True):
+    """Evaluates the weights or SavedModel at `path` on `split`; returns the result dict, whose
+    `skipped` counts the validation files that could not be decoded (left out).
 
     A SavedModel crops by itself, at the sizes it records: `protocol` must be that center crop,
     unless `sizes_given` is False (the user named no size) and `protocol` is a center crop, which
-    then takes the SavedModel's sizes (a FixRes export: e.g. 224 of 232, not 224 of 256)."""
+    then takes the SavedModel's sizes (a FixRes export: e.g. 224 of 232, not 224 of 256). A
+    training run's model given no size is evaluated at the run's evaluation sizes (config.json).
+    num_classes, class_ids: the dataset's; a model that records other classes is refused."""
     from keras_resnet.serving.export import latest_version_dir
 
     saved_model = latest_version_dir(path) if os.path.isdir(path) else None
-    steps = math.ceil(split.num_examples / (1 if protocol.name == "full_image" else batch_size))
     if saved_model:
-        predict, image_size, resize_size = saved_model_predictor(saved_model)
+        predict, image_size, resize_size, model_ids = saved_model_predictor(saved_model)
+        _check_classes(path, model_ids, num_classes, class_ids)
         own = Protocol.make("center_crop", image_size or protocol.crop_size,
                             resize_size=resize_size)
         if protocol != own and not sizes_given and protocol.name == "center_crop":
@@ -213,27 +237,69 @@ def evaluate_path(path, split, protocol, *, batch_size=64, depth=None, variant=N
                              f"with --protocol=center_crop --image_size={own.crop_size} "
                              f"--resize_size={own.resize_size}, or other protocols and sizes "
                              "from the weights (a .keras file or run dir).")
-        result = evaluate(predict, bytes_dataset(split, batch_size), num_batches=steps,
+        result = evaluate(predict, bytes_dataset(split, batch_size),
+                          num_batches=math.ceil(split.num_examples / batch_size),
                           progress=progress)
-        return _record(result, saved_model, protocol)
+        return _record(result, saved_model, protocol, split)
     from keras_resnet.model import weights
 
+    if not sizes_given:
+        protocol = _run_protocol(path, protocol)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         model = weights.build_from_weights(path, depth=depth, variant=variant,
                                            classifier_activation="softmax")
-    classes = model.outputs[0].shape[-1]
-    if num_classes is not None and classes != num_classes:
-        raise ValueError(f"{path} predicts {classes} classes but the dataset has {num_classes}; "
-                         "evaluate it on the dataset it was trained for.")
+    _check_classes(path, _run_class_ids(path), num_classes, class_ids,
+                   model_classes=model.outputs[0].shape[-1])
     crops = 10 if protocol.name == "ten_crop" else 1
+    steps = math.ceil(split.num_examples / (1 if protocol.name == "full_image" else batch_size))
     result = evaluate(keras_predictor(model, strategy), image_dataset(split, protocol, batch_size),
                       num_batches=steps, crops_per_image=crops, progress=progress)
-    return _record(result, path, protocol)
+    return _record(result, path, protocol, split)
 
 
-def _record(result, model, protocol):
-    return {**result, "model": model, "protocol": protocol.name, "crop_size": protocol.crop_size,
+def _run_dir(path):
+    """The training directory holding `path` (a run directory or a .keras file in one)."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def _run_protocol(path, protocol):
+    """`protocol` at the evaluation sizes of the training run `path` comes from, if any."""
+    from keras_resnet.files import read_json
+
+    run = read_json(os.path.join(_run_dir(path), "config.json")) or {}
+    crop = run.get("eval_image_size") or run.get("image_size")
+    if not isinstance(crop, int) or crop < 32:
+        return protocol
+    resize = run.get("eval_resize_size") or None
+    return Protocol.make(protocol.name, crop, resize_size=resize if isinstance(resize, int)
+                         else None)
+
+
+def _run_class_ids(path):
+    """The class ids recorded beside our own model files (classes.json), else None."""
+    from keras_resnet.serving import export
+
+    classes = os.path.join(_run_dir(path), export.CLASSES_JSON)
+    return export.read_classes_json(classes)[0] if os.path.isfile(classes) else None
+
+
+def _check_classes(path, model_ids, num_classes, class_ids, model_classes=None):
+    """Refuses a model of other classes than the dataset's (ids when both sides have them)."""
+    model_classes = len(model_ids) if model_ids is not None else model_classes
+    if num_classes is not None and model_classes is not None and model_classes != num_classes:
+        raise ValueError(f"{path} predicts {model_classes} classes but the dataset has "
+                         f"{num_classes}; evaluate it on the dataset it was trained for.")
+    if model_ids is not None and class_ids is not None and list(model_ids) != list(class_ids):
+        at = next(i for i, (a, b) in enumerate(zip(model_ids, class_ids)) if a != b)
+        raise ValueError(f"{path} was trained on other classes than the dataset's (class #{at} "
+                         f"is {model_ids[at]!r} there, {class_ids[at]!r} here); evaluate it on "
+                         "the dataset it was trained for.")
+
+
+def _record(result, model, protocol, split):
+    return {**result, "skipped": split.num_examples - result["images"], "model": model,
+            "protocol": protocol.name, "crop_size": protocol.crop_size,
             "resize_size": protocol.resize_size}
 
 
