@@ -255,26 +255,48 @@ def _list_files(directory: str) -> list[str]:
         return [e.name for e in it if e.is_file() and not e.name.startswith(".")]
 
 
-def _list_class_folder(directory: str, nested: dict[str, int], image_root: str) -> list[str]:
+def _is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as surrogates):
+    TensorFlow cannot take it as a string tensor."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(path: str) -> str:
+    """`path` with bytes that are not UTF-8 shown as U+FFFD, for reports and the index."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _list_class_folder(directory: str, nested: dict[str, int], image_root: str,
+                       skipped: list[tuple[str, str]]) -> list[str]:
     """Names of the visible files under a class folder, relative to it. Like torchvision's
     ImageFolder, sub-folders are read too (their paths and mtimes go into `nested`, relative to
-    `image_root`, so the cached index notices files added down there)."""
+    `image_root`, so the cached index notices files added down there). Links to nothing and
+    names that are not UTF-8 go to `skipped` with the reason."""
     names, subs = [], []
     with os.scandir(directory) as it:  # one listing: ImageNet's class folders hold 1.28M files
         for entry in it:
             if entry.name.startswith("."):
                 continue
-            if entry.is_file():
+            if not _is_utf8(entry.name):
+                skipped.append((printable(entry.path), "name is not UTF-8: rename it"))
+            elif entry.is_file():
                 names.append(entry.name)
             elif entry.is_dir():
                 subs.append(entry.name)
+            elif entry.is_symlink():
+                skipped.append((entry.path, "link to a file that does not exist"))
     here = os.path.realpath(directory) + os.sep
     for sub in sorted(subs):
         path = os.path.join(directory, sub)
         if here.startswith(os.path.realpath(path) + os.sep):
             continue  # a link back up the tree
         nested[os.path.relpath(path, image_root)] = os.stat(path).st_mtime_ns
-        names += [os.path.join(sub, n) for n in _list_class_folder(path, nested, image_root)]
+        names += [os.path.join(sub, n)
+                  for n in _list_class_folder(path, nested, image_root, skipped)]
     return names
 
 
@@ -304,7 +326,7 @@ def _tree_key(image_root: str, meta_dir: str | None) -> str:
             if os.path.isfile(path):
                 st = os.stat(path)
                 parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
@@ -313,7 +335,8 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
     if meta_dir and os.path.isfile(os.path.join(meta_dir, SYNSET_MAPPING)):
         class_ids, class_names = _read_synset_mapping(os.path.join(meta_dir, SYNSET_MAPPING))
     train_dir = os.path.join(image_root, "train")
-    train_classes = _list_dirs(train_dir) if os.path.isdir(train_dir) else []
+    train_classes = ([c for c in _list_dirs(train_dir) if _is_utf8(c)]
+                     if os.path.isdir(train_dir) else [])
     if class_ids is None:
         if not train_classes:
             raise DataError(f"{train_dir} has no class folders and there is no {SYNSET_MAPPING}: "
@@ -336,13 +359,20 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
         pairs = []   # (relative path, label)
         subdirs = _list_dirs(split_dir)
         for sub in subdirs:
+            if not _is_utf8(sub):
+                skipped.append((printable(os.path.join(split_dir, sub)),
+                                "name is not UTF-8: rename it"))
+                continue
             if sub not in class_index:
                 skipped.append((os.path.join(split_dir, sub), f"folder not a class in {split}/"))
                 continue
             pairs += [(os.path.join(split, sub, n), class_index[sub])
                       for n in _list_class_folder(os.path.join(split_dir, sub), nested,
-                                                  image_root)]
+                                                  image_root, skipped)]
         loose = _list_files(split_dir)
+        skipped += [(printable(os.path.join(split_dir, n)), "name is not UTF-8: rename it")
+                    for n in loose if not _is_utf8(n)]
+        loose = [n for n in loose if _is_utf8(n)]
         has_solution = bool(meta_dir) and os.path.isfile(os.path.join(meta_dir, VAL_SOLUTION))
         # A flat val/ needs the CSV; next to class folders, loose files are strays (or half-run
         # valprep, which the CSV still labels).

@@ -94,6 +94,33 @@ def test_imagefolder_class_folders_with_sub_folders(tmp_path):
     assert _as_dict(load_source("imagenet", str(root)).train) == {**expected, str(new): 0}
 
 
+def test_names_that_are_not_utf8_and_dangling_links_are_skipped_and_reported(tmp_path):
+    # TensorFlow cannot take such a name as a string: training and prepare crashed on it.
+    from tests.kaggle_tree import image_bytes
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for name in ("bird", "cat"):
+        (root / "train" / name).mkdir(parents=True)
+        (root / "train" / name / "ok.jpg").write_bytes(image_bytes(rng, 32))
+    raw = os.fsencode(root / "train")
+    with open(raw + b"/cat/caf\xe9.jpg", "wb") as f:  # Latin-1, as an old Windows zip names it
+        f.write(image_bytes(rng, 32))
+    os.makedirs(raw + b"/d\xe9j\xe0")
+    with open(raw + b"/d\xe9j\xe0/x.jpg", "wb") as f:
+        f.write(image_bytes(rng, 32))
+    (root / "train" / "bird" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    for _ in range(2):  # built, then read from the cached index
+        src = load_source("imagenet", str(root))
+        assert src.class_ids == ["bird", "cat"] and src.train.num_examples == 2
+        reasons = dict(src.skipped)
+        assert reasons[str(root / "train" / "cat" / "caf\ufffd.jpg")] == \
+            "name is not UTF-8: rename it"
+        assert reasons[str(root / "train" / "d\ufffdj\ufffd")] == "name is not UTF-8: rename it"
+        assert reasons[str(root / "train" / "bird" / "gone.jpg")] == \
+            "link to a file that does not exist"
+
+
 def test_index_is_cached_and_invalidated_when_the_tree_changes(tree, monkeypatch):
     first = load_source("imagenet", tree["root"])
     assert os.path.isfile(os.path.join(tree["root"], sources.INDEX_FILE))
