@@ -446,3 +446,20 @@ def test_calibration_images_are_cropped_as_the_served_model_input(tmp_path):
     default, fixres = (list(calibration.calibration_images(
         "demo", data_dir, image_size=32, count=1, resize_size=r)())[0] for r in (0, 60))
     assert not np.array_equal(default, fixres)
+
+
+def test_calibration_leaves_out_a_training_file_that_does_not_decode(tmp_path, capsys):
+    from keras_resnet.serving import calibration
+    from pipelines.demo import make_demo
+    from pipelines.sources import load_source
+
+    data_dir = make_demo(str(tmp_path / "demo"), num_classes=2, train_per_class=3,
+                         val_per_class=1, image_size=48)
+    files = load_source("demo", data_dir).train.files  # indexed while every file was whole
+    data = open(files[2], "rb").read()
+    with open(files[2], "wb") as f:  # rewritten in place: passes the checks, does not decode
+        f.write(data[:20] + b"\x00" * 200 + b"\xff\xd9")
+    got = list(calibration.calibration_images("demo", data_dir, image_size=32, count=6)())
+    assert len(got) == 5
+    assert "calibration: 5 training images (1 that did not decode left out)" in \
+        capsys.readouterr().err

@@ -46,13 +46,21 @@ def calibration_images(dataset, data_dir, *, image_size, count, seed=0, resize_s
             4 * count, seed=seed).take(count)
 
     def images():
-        done = 0
+        done = failed = 0
         for image_bytes in records:
-            pixels = preprocess_for_eval(image_bytes, image_size, resize_size=resize_size)
+            try:
+                pixels = preprocess_for_eval(image_bytes, image_size, resize_size=resize_size)
+            except tf.errors.InvalidArgumentError:  # passed the start-up check, does not decode
+                failed += 1
+                continue
             yield tf.cast(pixels, tf.float32)[None].numpy()
             done += 1
             if done % 50 == 0:
                 print(f"calibration: {done} images", file=sys.stderr, flush=True)
-        print(f"calibration: {done} training images", file=sys.stderr, flush=True)
+        left_out = f" ({failed} that did not decode left out)" if failed else ""
+        print(f"calibration: {done} training images{left_out}", file=sys.stderr, flush=True)
+        if not done:
+            raise ValueError("no calibration image could be decoded; check the training images "
+                             "(--check_images=decode lists the broken ones).")
 
     return images
