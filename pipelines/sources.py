@@ -44,8 +44,12 @@ from pipelines.layout import (  # noqa: F401  (DataError and the names are part 
 INDEX_FILE = ".keras_resnet_index.npz"
 # 2: screening searches a 4 KiB tail; 3: classes without training images; 4: mapping and CSV
 # read with a byte-order mark, tab-separated mapping, CSV ImageIds with a file extension, class
-# folders read with their sub-folders
-INDEX_VERSION = 4
+# folders read with their sub-folders; 5: valid/ or validation/ as the validation folder, names
+# that are not UTF-8 skipped
+INDEX_VERSION = 5
+# Folder names of the validation split, in order of preference (Kaggle: val/; many datasets
+# published in the ImageFolder layout: valid/ or validation/).
+VAL_DIRS = ("val", "valid", "validation")
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
@@ -189,6 +193,14 @@ def _check_extraction_finished(directory: str) -> None:
                         f"keras_resnet.download --data_dir={directory}` again to complete it")
 
 
+def split_dir_name(image_root: str, split: str) -> str:
+    """The folder of `split` ("train" or "val") under `image_root`: for "val", the first of
+    VAL_DIRS that exists (val/ when none does)."""
+    if split == "train":
+        return "train"
+    return next((d for d in VAL_DIRS if os.path.isdir(os.path.join(image_root, d))), "val")
+
+
 def _find_layout(root: str) -> tuple[str, str | None, str]:
     """Returns (image_root holding train/ and val/, directory of LOC_* files or None, layout)."""
     # data_dir may be the Kaggle root, any folder on the way to ILSVRC/Data/CLS-LOC (that one
@@ -196,14 +208,17 @@ def _find_layout(root: str) -> tuple[str, str | None, str]:
     parts = KAGGLE_IMAGE_ROOT.split(os.sep)
     candidates = [os.path.join(root, *parts[i:]) for i in range(len(parts))] + [root]
     for image_root in candidates:
-        if os.path.isdir(os.path.join(image_root, "train")) or os.path.isdir(
-                os.path.join(image_root, "val")):
+        if any(os.path.isdir(os.path.join(image_root, d)) for d in ("train", *VAL_DIRS)):
             break
     else:
         raise DataError(f"no train/ or val/ folder in {root} nor in "
                         f"{os.path.join(root, KAGGLE_IMAGE_ROOT)}: {FIX_HINT}")
-    kaggle_root = os.path.dirname(os.path.dirname(os.path.dirname(image_root)))
-    for meta_dir in (root, image_root, kaggle_root):
+    meta_dirs = [root, image_root]
+    if os.path.normpath(image_root).endswith(os.sep + KAGGLE_IMAGE_ROOT):
+        # The Kaggle root, three levels up, only for the Kaggle tree: an ImageFolder that merely
+        # lies three levels below some folder with LOC_* files is not labelled by them.
+        meta_dirs.append(os.path.dirname(os.path.dirname(os.path.dirname(image_root))))
+    for meta_dir in meta_dirs:
         if os.path.isfile(os.path.join(meta_dir, SYNSET_MAPPING)) or os.path.isfile(
                 os.path.join(meta_dir, VAL_SOLUTION)):
             return image_root, meta_dir, "kaggle"
@@ -216,7 +231,11 @@ def _read_synset_mapping(path: str) -> tuple[list[str], list[str]]:
     # utf-8-sig: a byte-order mark (files saved on Windows) is not part of the first class id.
     with open(path, encoding="utf-8-sig") as f:
         for line in f:
-            fields = line.split(maxsplit=1)  # "id names": a space or a tab between them
+            # "id names": a tab between them (then an id may hold spaces), else a space.
+            if "\t" in line.strip():
+                fields = [x.strip() for x in line.strip().split("\t", 1)]
+            else:
+                fields = line.split(maxsplit=1)
             if fields:
                 pairs.append((fields[0], fields[1].strip() if len(fields) > 1 else fields[0]))
     if not pairs:
@@ -313,11 +332,11 @@ def _tree_key(image_root: str, meta_dir: str | None) -> str:
     """Cheap fingerprint of the tree: directory mtimes and label-file stats (see module doc)."""
     parts = [f"v{INDEX_VERSION}", image_root]
     for split in ("train", "val"):
-        split_dir = os.path.join(image_root, split)
+        split_dir = os.path.join(image_root, split_dir_name(image_root, split))
         if not os.path.isdir(split_dir):
             parts.append(f"{split}:absent")
             continue
-        parts.append(f"{split}:{os.stat(split_dir).st_mtime_ns}")
+        parts.append(f"{split_dir}:{os.stat(split_dir).st_mtime_ns}")
         for sub in _list_dirs(split_dir):
             parts.append(f"{split}/{sub}:{os.stat(os.path.join(split_dir, sub)).st_mtime_ns}")
     if meta_dir:
@@ -353,7 +372,8 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
     splits = {}
     nested: dict[str, int] = {}   # sub-folders of class folders -> mtime (see _load_index)
     for split in ("train", "val"):
-        split_dir = os.path.join(image_root, split)
+        dir_name = split_dir_name(image_root, split)
+        split_dir = os.path.join(image_root, dir_name)
         if not os.path.isdir(split_dir):
             continue
         pairs = []   # (relative path, label)
@@ -364,9 +384,10 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
                                 "name is not UTF-8: rename it"))
                 continue
             if sub not in class_index:
-                skipped.append((os.path.join(split_dir, sub), f"folder not a class in {split}/"))
+                skipped.append((os.path.join(split_dir, sub),
+                                f"folder not a class in {dir_name}/"))
                 continue
-            pairs += [(os.path.join(split, sub, n), class_index[sub])
+            pairs += [(os.path.join(dir_name, sub, n), class_index[sub])
                       for n in _list_class_folder(os.path.join(split_dir, sub), nested,
                                                   image_root, skipped)]
         loose = _list_files(split_dir)
@@ -420,8 +441,14 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped):
         elif wnid not in class_index:
             skipped.append((path, f"label {wnid} not in {SYNSET_MAPPING}"))
         else:
-            pairs.append((os.path.join("val", name), class_index[wnid]))
+            pairs.append((os.path.join(os.path.basename(val_dir), name), class_index[wnid]))
         seen.add(image_id)
+    if names and not pairs and seen & set(labels):
+        # Every file has a row, but no row's label is a class of the mapping.
+        raise DataError(f"none of the {len(names):,} files in {val_dir} has a label that "
+                        f"{SYNSET_MAPPING} lists (labels like "
+                        f"{min(labels[i] for i in seen if i in labels)!r}): use the "
+                        f"{VAL_SOLUTION} and {SYNSET_MAPPING} of the same dataset")
     if labels and not seen & set(labels):
         # Not one file named as the CSV names images: the wrong CSV, or another naming scheme.
         raise DataError(f"none of the {len(names):,} files in {val_dir} has a row in {solution} "

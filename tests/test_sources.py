@@ -206,6 +206,54 @@ def test_flat_val_that_no_csv_row_names_is_an_error(tree):
     assert "\n" not in str(error.value)
 
 
+def test_val_csv_whose_labels_are_all_unknown_is_an_error(tree):
+    solution = os.path.join(tree["root"], "LOC_val_solution.csv")
+    header, *rows = open(solution).read().splitlines()
+    with open(solution, "w") as f:  # every row names a file, every label another dataset's
+        f.write("\n".join([header] + [row.replace(",n", ",x", 1) for row in rows]) + "\n")
+    with pytest.raises(DataError, match=r"none of the 6 files in .*val has a label that "
+                                        r"LOC_synset_mapping.txt lists \(labels like 'x\d+'\)"):
+        load_source("imagenet", tree["root"])
+
+
+def _image_folder(root, splits, classes, rng):
+    from tests.kaggle_tree import image_bytes
+
+    for split in splits:
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            (root / split / name / "1.jpg").write_bytes(image_bytes(rng, 32))
+
+
+def test_valid_or_validation_folder_is_the_validation_split(tmp_path):
+    rng = np.random.default_rng(0)
+    for val_dir in ("valid", "validation"):
+        root = tmp_path / val_dir
+        _image_folder(root, ("train", val_dir), ("bird", "cat"), rng)
+        src = load_source("imagenet", str(root))
+        assert _as_dict(src.val) == {str(root / val_dir / c / "1.jpg"): i
+                                     for i, c in enumerate(("bird", "cat"))}
+    _image_folder(tmp_path / "both", ("train", "val", "valid"), ("bird", "cat"), rng)
+    assert all("/val/" in f for f in load_source("imagenet", str(tmp_path / "both")).val.files)
+
+
+def test_tab_separated_mapping_names_class_ids_with_spaces(tmp_path):
+    rng = np.random.default_rng(0)
+    _image_folder(tmp_path, ("train",), ("sea lion", "seal"), rng)
+    (tmp_path / "LOC_synset_mapping.txt").write_text("sea lion\tSea lion, big\nseal\tSeal\n")
+    src = load_source("imagenet", str(tmp_path))
+    assert (src.class_ids, src.class_names) == (["sea lion", "seal"], ["Sea lion, big", "Seal"])
+    assert src.train.num_examples == 2 and src.layout == "kaggle"
+
+
+def test_image_folder_three_levels_below_label_files_is_not_labelled_by_them(tmp_path):
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01 tench\n")
+    root = tmp_path / "a" / "b" / "c"
+    _image_folder(root, ("train",), ("bird", "cat"), np.random.default_rng(0))
+    src = load_source("imagenet", str(root))
+    assert (src.layout, src.class_ids) == ("imagefolder", ["bird", "cat"])
+
+
 def test_screen_file(tree, tmp_path):
     assert sources.screen_file(tree["cmyk"]) == ""
     assert sources.screen_file(tree["png"]) == ""
