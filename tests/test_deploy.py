@@ -122,6 +122,10 @@ def test_onnx_file_alone_carries_the_contract_and_class_names(sharp, tmp_path):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["class_names"])[3] == "class 3, ünïcode"
     assert meta["image_size"] == str(SIZE) and "0..255" in meta["preprocessing"]
+    import keras_resnet
+
+    assert (proto.producer_name, proto.producer_version) == ("keras_resnet",
+                                                             keras_resnet.__version__)
     (graph_input,) = proto.graph.input  # the normalisation constants are not inputs
     dims = graph_input.type.tensor_type.shape.dim
     assert graph_input.name == "images" and dims[0].dim_param == "batch"

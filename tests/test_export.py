@@ -188,8 +188,10 @@ def test_saved_model_cli_lists_both_signatures(exported):
 @pytest.mark.slow
 def test_saved_model_cli_runs_on_raw_jpeg_bytes(model, exported, images, tmp_path):
     """The README's recipe: the file's bytes in a .npy, fed to `saved_model_cli run`."""
-    data = images["a.jpg"].read_bytes()
-    np.save(tmp_path / "a.npy", np.array([data]))
+    data = images["a.jpg"].read_bytes() + b"\0\0"  # padding after the end marker, as files may
+    # end in NUL bytes (a BMP's last black pixels): a bytes array (dtype S) would drop them.
+    np.save(tmp_path / "a.npy", np.array([data], dtype=object), allow_pickle=True)
+    assert np.load(tmp_path / "a.npy", allow_pickle=True)[0] == data
     run = subprocess.run([str(SAVED_MODEL_CLI), "run", "--dir", str(exported[1]), "--tag_set",
                           "serve", "--signature_def", "serving_default", "--inputs",
                           f"image_bytes={tmp_path / 'a.npy'}"],

@@ -81,12 +81,13 @@ def _read_file(path):
                            "directory); download or save it again.")
     if path.endswith((".pth", ".pt", ".bin", ".ckpt", ".tar")) or head[:1] == b"\x80":
         if tarfile.is_tarfile(path):
-            raise WeightsError(f"{path} is in torch's legacy tar format (before torch 1.6), which "
-                               "is not read; re-save it with a newer torch: "
+            raise WeightsError(f"{path} is in torch's legacy tar format (the first torch releases), which "
+                               "is not read; re-save it with torch >= 1.6: "
                                "torch.save(torch.load(PATH, weights_only=True), NEW_PATH).")
         if head[:1] == b"\x80":
-            raise WeightsError(f"{path} is in torch's legacy pickle format (before torch 1.6), "
-                               "which is not read; re-save it with a newer torch: "
+            raise WeightsError(f"{path} is in torch's legacy pickle format (the default before "
+                               "torch 1.6, or _use_new_zipfile_serialization=False), which is not "
+                               "read; re-save it in the zip format: "
                                "torch.save(torch.load(PATH, weights_only=True), NEW_PATH).")
         raise WeightsError(f"{path} is not a complete torch.save file (no zip directory: "
                            "truncated, or not a weights file).")

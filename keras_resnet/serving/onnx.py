@@ -77,7 +77,10 @@ def to_onnx(model, *, image_size, meta):
         prop = proto.metadata_props.add()
         prop.key = key
         prop.value = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    proto.producer_name = "keras_resnet"
+    import keras_resnet
+
+    # tf2onnx writes its own version and the TF git hash ("1.17.0 None" on release wheels).
+    proto.producer_name, proto.producer_version = "keras_resnet", keras_resnet.__version__
     return drop_unused_opsets(proto)
 
 
