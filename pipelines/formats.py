@@ -29,3 +29,16 @@ def image_format(header: bytes) -> str | None:
         if all(header[offset:offset + len(part)] == part for offset, part in parts):
             return name
     return None
+
+
+def error_line(message: str) -> str:
+    """The informative line of a TensorFlow error message, without the graph and op boilerplate
+    ("{{node ...}}", "[Op:DecodeJpeg] name: ", "Graph execution error:", ...); "" if none."""
+    import re
+
+    for line in message.splitlines():
+        line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\].*$", "", line).strip()
+        if line and not line.startswith(("Graph execution error", "Detected at node",
+                                         "<stack traces", "[[")):
+            return line.removeprefix("assertion failed: [").removesuffix("]").rstrip(".").strip()
+    return ""

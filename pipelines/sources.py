@@ -66,8 +66,9 @@ TAIL_BYTES = 4096  # JPEGs may carry padding or trailers after the end-of-image 
 UNSUPPORTED_MAGIC = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "RIFF (not WebP)",
                      b"\x00\x00\x00\x0cjP": "JPEG 2000"}
 
-FIX_HINT = ("download ImageNet with `python -m keras_resnet.download --data_dir=DIR`, "
-            "or try `--dataset=demo`")
+FIX_HINT = ("point --data_dir at the folder holding train/ (and val/) with one sub-folder per "
+            "class, or at the Kaggle ImageNet root; to get ImageNet, run `python -m "
+            "keras_resnet.download --data_dir=DIR`; to try the project, `--dataset=demo`")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,7 +413,8 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
                         for (p, _), r in zip(pairs, reasons, strict=True) if r]
             splits[split] = [pair for pair, r in zip(pairs, reasons, strict=True) if not r]
     if not any(splits.values()):
-        raise DataError(f"no images under {image_root}/train or {image_root}/val: {FIX_HINT}")
+        raise DataError(f"no images under {image_root}/train or "
+                        f"{image_root}/{split_dir_name(image_root, 'val')}: {FIX_HINT}")
     if splits.get("train"):
         # A class without training images still has its output (class ids stay those of the
         # mapping or folder list), but the user should hear of it: torchvision refuses this.
@@ -498,8 +500,7 @@ def _decode_problem(path: str) -> str:
     try:
         preprocessing.decode_image(tf.io.read_file(path))
     except tf.errors.OpError as e:
-        first = (e.message.strip().splitlines() or [type(e).__name__])[0]
-        return f"cannot be decoded: {first.rstrip('.')}"
+        return f"cannot be decoded: {formats.error_line(e.message) or type(e).__name__}"
     return ""
 
 

@@ -114,6 +114,21 @@ def test_missing_imagenet_says_how_to_get_it(tmp_path):
     assert "--dataset=demo" in result.stderr
 
 
+def test_a_dataset_of_one_class_is_refused(tmp_path):
+    # A softmax over one class is always 1: it would "train" to 100% and learn nothing.
+    from keras_resnet.training import inputs
+    from tests.kaggle_tree import image_bytes
+
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (tmp_path / "train" / "cat" / f"{i}.jpg").write_bytes(image_bytes(rng, 32))
+    config = Config(dataset="imagenet", data_dir=str(tmp_path), batch_size=2)
+    with pytest.raises(inputs.UserError, match=r"has 1 class \(cat\); a classifier needs at "
+                                               r"least 2"):
+        inputs.load_data(config, writer=False)
+
+
 def test_batch_must_divide_over_replicas(tmp_path, monkeypatch):
     from keras_resnet.training import run as train
 

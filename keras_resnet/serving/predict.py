@@ -94,13 +94,8 @@ def error_line(e):
     one file (the SavedModel's messages name the batch element: always 0 here)."""
     if isinstance(e, UnicodeDecodeError):
         return "the decoder rejected the bytes (its message was not text)"
-    for line in str(getattr(e, "message", e)).splitlines():
-        line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\].*$", "", line).strip()
-        if line and not line.startswith(("Graph execution error", "Detected at node",
-                                         "<stack traces", "[[")):
-            line = line.removeprefix("assertion failed: [").removesuffix("]")
-            return re.sub(r"^image_bytes\[\d+\] is ", "", line).rstrip(".")
-    return type(e).__name__
+    line = formats.error_line(str(getattr(e, "message", e)))
+    return re.sub(r"^image_bytes\[\d+\] is ", "", line) if line else type(e).__name__
 
 
 def text(value):

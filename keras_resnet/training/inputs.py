@@ -49,6 +49,11 @@ def load_data(config, writer=True):
     if source.train is None or source.train.num_examples == 0:
         raise UserError(f"No training images found for --dataset={config.dataset} under "
                         f"{config.resolved_data_dir or 'the TFDS data dir'}.")
+    if len(source.class_ids) < 2:
+        # A softmax over one class is always 1: nothing to learn, every metric 100%.
+        raise UserError(f"--dataset={config.dataset} under {config.resolved_data_dir} has "
+                        f"{len(source.class_ids)} class ({', '.join(source.class_ids)}); a "
+                        "classifier needs at least 2: add a folder per class under train/.")
     logging.info("Dataset %s: %d classes, %d train, %d val images.", source.name,
                  len(source.class_ids), source.train.num_examples,
                  source.val.num_examples if source.val else 0)
