@@ -60,6 +60,9 @@ def main(flag_values, args):
         raise cli.UsageError("--weights is required, e.g. --weights=resnet50.pth.")
     if flag_values.batch_size < 1:
         raise cli.UsageError(f"--batch_size={flag_values.batch_size}; use a positive integer.")
+    from keras_resnet import logs
+
+    logs.import_tensorflow()  # before any TensorFlow import: without its start-up noise
     from keras_resnet.model.errors import WeightsError
     from keras_resnet.serving import evaluate
     from pipelines import sources

@@ -86,12 +86,12 @@ def main(flag_values, args):
     if fmt.calibrated and flag_values.calibration_images < 1:
         raise cli.UsageError("--calibration_images must be >= 1. Received: "
                              f"{flag_values.calibration_images}.")
+    logs.import_tensorflow()  # before any TensorFlow import (converters import it too)
     try:
         for module in fmt.converters:  # before the model loads: say at once what to install
             deploy.require(module, fmt.extra)
     except ImportError as e:
         return cli.fail(str(e))
-    logs.import_tensorflow()  # before any TensorFlow import: without its start-up noise
     import keras
 
     from keras_resnet.serving import export

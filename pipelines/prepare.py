@@ -186,6 +186,9 @@ def _init_worker(counter):
     global _progress
     _progress = counter
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_resnet import logs
+
+    logs.import_tensorflow()  # each worker imports TensorFlow: without its start-up noise
 
 
 def _count(n):
@@ -538,6 +541,9 @@ def main(flag_values, args):
         raise cli.UsageError("--out is required, e.g. --out=data/imagenet_shards or gs://B/DIR")
     if v.shard_mb <= 0:
         raise cli.UsageError(f"--shard_mb={v.shard_mb}; use a positive size in MiB")
+    from keras_resnet import logs
+
+    logs.import_tensorflow()  # before any TensorFlow import: without its start-up noise
     start = time.monotonic()
     try:
         plan = prepare(v.data_dir, v.out, name=v.name, seed=v.seed, shard_mb=v.shard_mb,

@@ -291,7 +291,7 @@ def _check_classes(path, model_ids, num_classes, class_ids, model_classes=None):
         raise ValueError(f"{path} predicts {model_classes} classes but the dataset has "
                          f"{num_classes}; evaluate it on the dataset it was trained for.")
     if model_ids is not None and class_ids is not None and list(model_ids) != list(class_ids):
-        at = next(i for i, (a, b) in enumerate(zip(model_ids, class_ids)) if a != b)
+        at = next(i for i, (a, b) in enumerate(zip(model_ids, class_ids, strict=True)) if a != b)
         raise ValueError(f"{path} was trained on other classes than the dataset's (class #{at} "
                          f"is {model_ids[at]!r} there, {class_ids[at]!r} here); evaluate it on "
                          "the dataset it was trained for.")

@@ -67,10 +67,11 @@ def to_onnx(model, *, image_size, meta):
         deploy.serving_function(model, image_size).get_concrete_function())
     (input_name,) = [t.name for t in frozen.inputs]
     (output_name,) = [t.name for t in frozen.outputs]
-    proto, _ = tf2onnx.convert.from_graph_def(
-        frozen.graph.as_graph_def(), input_names=[input_name], output_names=[output_name],
-        opset=OPSET, tensors_to_rename={input_name: deploy.INPUT_NAME,
-                                        output_name: deploy.OUTPUT_NAME})
+    with _quiet_tf2onnx():
+        proto, _ = tf2onnx.convert.from_graph_def(
+            frozen.graph.as_graph_def(), input_names=[input_name], output_names=[output_name],
+            opset=OPSET, tensors_to_rename={input_name: deploy.INPUT_NAME,
+                                            output_name: deploy.OUTPUT_NAME})
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM  # not tf2onnx's "unk__123"
     for key, value in meta.items():
@@ -82,6 +83,24 @@ def to_onnx(model, *, image_size, meta):
     # tf2onnx writes its own version and the TF git hash ("1.17.0 None" on release wheels).
     proto.producer_name, proto.producer_version = "keras_resnet", keras_resnet.__version__
     return drop_unused_opsets(proto)
+
+
+@contextlib.contextmanager
+def _quiet_tf2onnx():
+    """tf2onnx's INFO lines (its versions) and the TF 1 deprecation notices its graph code
+    triggers: noise to someone exporting a model. Its warnings and errors still show."""
+    import logging
+
+    from tensorflow.python.util import deprecation
+
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with deprecation.silence():
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def drop_unused_opsets(proto):

@@ -81,9 +81,12 @@ def check_run_identity(model_dir, identity):
 def _difference(key, before, now):
     """'key: checkpoint X vs now Y'; for the class ids, the first position where they differ."""
     if key == "class_ids" and isinstance(before, list):
-        at = next((i for i, (a, b) in enumerate(zip(before, now)) if a != b),
+        at = next((i for i, (a, b) in enumerate(zip(before, now, strict=False)) if a != b),
                   min(len(before), len(now)))
-        first = (lambda ids: repr(ids[at]) if at < len(ids) else "none")
+
+        def first(ids):
+            return repr(ids[at]) if at < len(ids) else "none"
+
         return (f"class ids: {len(before)} in the checkpoint vs {len(now)} now, the first that "
                 f"differs is #{at}: checkpoint {first(before)} vs now {first(now)}")
     return f"{key}: checkpoint {before!r} vs now {now!r}"
