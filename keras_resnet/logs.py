@@ -118,6 +118,17 @@ def is_noise(line, level, no_gpu):
     return _SEVERITY[severity] < level
 
 
+def is_op_failure_echo(line):
+    """True for TensorFlow's C++ echo of an op failure that Python receives as an exception
+    anyway ("Local rendezvous is aborting with status: ..." and its "[[{{node ...}}]]" line):
+    a command that reports the exception in one line drops these."""
+    line = line.rstrip("\n")
+    if line.lstrip().startswith("[[{{"):
+        return True
+    match = _PREFIX.match(line)
+    return bool(match) and match.group(2) == "local_rendezvous.cc"
+
+
 @contextlib.contextmanager
 def filtered_stderr(drop):
     """Within the block, file descriptor 2 (C++ and Python writes alike) goes through a pipe;

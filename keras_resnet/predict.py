@@ -50,24 +50,29 @@ def main(flag_values, images):
         return cli.fail(str(e).splitlines()[0])
 
     failed = 0
-    for path in images:
-        try:
-            with open(path, "rb") as f:
-                scores, labels, names = predict(f.read())
-        except OSError as e:
-            print(f"error: cannot read {path}: {e.strerror}.", file=sys.stderr)
-            failed += 1
-            continue
-        except (tf.errors.OpError, UnicodeDecodeError) as e:
-            # OpError: any decoder failure, not only InvalidArgument (a runtime's own error for
-            # odd bytes); UnicodeDecodeError: an error message holding the file's raw bytes.
-            print(f"error: cannot decode {path}: {predict_lib.error_line(e)}.", file=sys.stderr)
-            failed += 1
-            continue
-        print(path)
-        for score, label, name in zip(scores, labels, names, strict=True):
-            print(f"  {score:.4f}  {predict_lib.text(label)}  {predict_lib.text(name)}")
+    with logs.filtered_stderr(logs.is_op_failure_echo):  # the error line below says it
+        for path in images:
+            failed += _predict_file(predict, predict_lib, tf, path)
     return 1 if failed else 0
+
+
+def _predict_file(predict, predict_lib, tf, path):
+    """Prints the top classes of the image at `path`; returns 1 when it failed, else 0."""
+    try:
+        with open(path, "rb") as f:
+            scores, labels, names = predict(f.read())
+    except OSError as e:
+        print(f"error: cannot read {path}: {e.strerror}.", file=sys.stderr)
+        return 1
+    except (tf.errors.OpError, UnicodeDecodeError) as e:
+        # OpError: any decoder failure, not only InvalidArgument (a runtime's own error for odd
+        # bytes); UnicodeDecodeError: an error message holding the file's raw bytes.
+        print(f"error: cannot decode {path}: {predict_lib.error_line(e)}.", file=sys.stderr)
+        return 1
+    print(path, flush=True)
+    for score, label, name in zip(scores, labels, names, strict=True):
+        print(f"  {score:.4f}  {predict_lib.text(label)}  {predict_lib.text(name)}")
+    return 0
 
 
 def run(argv=None):

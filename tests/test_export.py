@@ -310,6 +310,8 @@ def test_predict_command_from_saved_model(exported, images, tmp_path):
     assert lines[0] == str(images["a.jpg"]) and lines[6] == str(images["b.png"]), run.stdout
     assert all(TOP5_LINE.match(line) for line in lines[1:6] + lines[7:12]), run.stdout
     assert "Traceback" not in run.stderr
+    # The one error line per file, not TensorFlow's C++ echo of the failed op as well.
+    assert "local_rendezvous" not in run.stderr and "[[{{" not in run.stderr, run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: cannot read {tmp_path / 'missing.jpg'}: No such file or directory.",
                       f"error: cannot decode {bad}: not a JPEG, PNG, GIF, BMP or WebP image "
