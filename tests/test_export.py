@@ -304,7 +304,9 @@ def test_predict_command_from_saved_model(exported, images, tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "keras_resnet.predict", f"--model={exported[0]}",
          str(images["a.jpg"]), str(tmp_path / "missing.jpg"), str(bad), str(images["b.png"])],
-        cwd=REPO, env=_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+        # TensorFlow's warnings shown, as by default for a user (logs.DEFAULT_TF_LOG_LEVEL).
+        cwd=REPO, env=_env(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="1"), capture_output=True,
+        text=True, timeout=120)
     assert run.returncode == 1, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     assert lines[0] == str(images["a.jpg"]) and lines[6] == str(images["b.png"]), run.stdout
