@@ -133,7 +133,9 @@ SERVING_CHECK = textwrap.dedent("""
     check(serve(image_bytes=tf.constant([jpeg, png])), expected)
     # The uint8 signature applies the same resize + center crop to decoded images of any size.
     for encoded, want in ((jpeg, expected[:1]), (png, expected[1:])):
-        pixels = tf.io.decode_image(encoded, channels=3)[None]
+        # Decoded as the export decodes (libjpeg's accurate IDCT, as PIL): TF's default differs.
+        pixels = (tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+                  if encoded is jpeg else tf.io.decode_image(encoded, channels=3))[None]
         check(loaded.signatures["serve_images"](images=pixels), want)
 
     for bad, name, says in ((b"not an image", "garbage", "image_bytes[1] is not a JPEG, PNG"),
