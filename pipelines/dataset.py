@@ -30,7 +30,8 @@ _ORDER_SALT, _AUGMENT_SALT, _MIX_SALT = 0, 1, 2
 CACHE_MAX_BYTES = 1 << 30
 # Shuffle buffer for splits given as records (TFDS), which have no file list to permute.
 RECORDS_SHUFFLE_BUFFER = 10_000
-# Files tried in turn, in index order, after a training file that fails to decode.
+# Stand-ins tried for a batch with a file that fails to decode: the batch's files shifted by 1,
+# 2, ... in the index (the first that decodes fills the batch; see load_batch).
 SUBSTITUTES = 3
 # Prepared shards (pipelines.prepare): an input pipeline reads SHARD_CYCLE shards at a time,
 # round robin, and permutes each window of SHUFFLE_WINDOW consecutive records (see _shard_plan).
@@ -300,8 +301,9 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     dynamically across service workers, so every example is decoded once per epoch (with
     "parallel_epochs" each service worker would emit the whole epoch again). Batches are formed on
     the client; order is then non-deterministic, the pixels of each example are not.
-    A file that cannot be read or decoded is logged and replaced in its batch by the next file of
-    the index (SUBSTITUTES tried), so later batches, and a resume, are as without the failure. A
+    A file that cannot be read or decoded is logged and its batch filled up with a stand-in (the
+    file after the batch's first file in the index, with that position's seed; SUBSTITUTES
+    shifts tried), so later batches, and a resume, are as without the failure. A
     record (TFDS, shards) that fails is dropped and the stream topped up from the epoch after the
     last one: the number of batches stays exact, later batches shift by one example.
     max_steps_per_epoch: shorter epochs (each still a fresh permutation of the whole split), so a
@@ -377,10 +379,11 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         return keep(train_image(raw, epoch, pos), labels[idx], epoch, pos)
 
     def load_batch(epochs, positions, idxs):
-        # One batch's positions: their files, then, in place of any that fails to decode (it
-        # passed the start-up check), the next file of the index (then the next), read only after
-        # a failure. Every batch keeps its positions, so the batches after it, and a resume that
-        # skips whole batches, stay as in an uninterrupted run.
+        # One batch's positions: their files, then, when one fails to decode (it passed the
+        # start-up check), the same positions' files shifted by 1 (then 2, ...) in the index, of
+        # which the first that decodes fills the batch (read only after a failure; it may repeat
+        # a file of the batch on a tiny dataset). Every batch keeps its positions, so the
+        # batches after it, and a resume that skips whole batches, stay as uninterrupted.
         def read(shift):
             ds = tf.data.Dataset.from_tensor_slices(
                 (epochs, positions, (idxs + shift) % split.num_examples))
