@@ -176,8 +176,9 @@ def test_demo_learns_well_above_chance(tmp_path):
 
 
 @pytest.mark.slow
-def test_file_cache_is_per_split_file_list_and_input_pipeline(tmp_path):
+def test_file_cache_is_per_split_file_list_and_input_pipeline(tmp_path, monkeypatch):
     from keras_resnet.training.run import train_and_evaluate
+    from pipelines import preprocessing
 
     make_kaggle_tree(tmp_path / "imagenet", num_classes=3, train_per_class=3, val_per_class=2,
                      image_size=40, broken=False)
@@ -198,6 +199,12 @@ def test_file_cache_is_per_split_file_list_and_input_pipeline(tmp_path):
     # Another image size caches other validation pixels: a new val cache, the same train one.
     second = train("run2", image_size=48)
     assert len(second - first) == 1 and next(iter(second - first)).startswith("imagenet.val-")
+    # Another JPEG decoder (IDCT) gives other pixels: a new val cache, never the old pixels.
+    with monkeypatch.context() as patch:
+        patch.setattr(preprocessing, "JPEG_DCT", "INTEGER_FAST")
+        decoder = train("run2b", image_size=48)
+    assert len(decoder - second) == 1 and next(iter(decoder - second)).startswith("imagenet.val-")
+    second = decoder
     # Another file list (a new training image) gets caches of its own, never the old bytes.
     extra = tmp_path / "imagenet" / "ILSVRC" / "Data" / "CLS-LOC" / "train"
     first_class = sorted(extra.iterdir())[0]
