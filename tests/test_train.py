@@ -237,6 +237,32 @@ def test_cache_leaves_out_training_files_too_big_for_memory(tmp_path, monkeypatc
     assert inputs.train_cache(tiny_config(tmp_path), source) is None
 
 
+def test_run_identity_is_compared_only_when_something_was_trained(tmp_path):
+    """A run.json with no checkpoint or model beside it (a start on the wrong --data_dir that
+    was stopped before its first save) is replaced; once a checkpoint exists, it is compared."""
+    from keras_resnet.files import read_json
+    from keras_resnet.training import checkpoint as ckpt_lib
+
+    def identity(**change):
+        return {"depth": 18, "variant": "v1.5", "conv_bias": False, "num_classes": 3,
+                "class_ids": ["a", "b", "c"], "frozen": [], "batch_size": 8, **change}
+
+    run = str(tmp_path)
+    ckpt_lib.check_run_identity(run, identity())
+    ckpt_lib.check_run_identity(run, identity(class_ids=["x", "y", "z"]))  # nothing trained yet
+    assert read_json(os.path.join(run, ckpt_lib.RUN_JSON))["class_ids"] == ["x", "y", "z"]
+    for trained in (os.path.join(ckpt_lib.CHECKPOINT_SUBDIR, "checkpoint"), ckpt_lib.BEST_MODEL,
+                    ckpt_lib.FINAL_MODEL):
+        os.makedirs(os.path.dirname(os.path.join(run, trained)), exist_ok=True)
+        open(os.path.join(run, trained), "w").close()
+        with pytest.raises(ckpt_lib.CheckpointMismatchError, match="first that differs is #0"):
+            ckpt_lib.check_run_identity(run, identity())
+        with pytest.raises(ckpt_lib.CheckpointMismatchError, match="batch_size: checkpoint 8"):
+            ckpt_lib.check_run_identity(run, identity(class_ids=["x", "y", "z"], batch_size=16))
+        os.remove(os.path.join(run, trained))
+    assert read_json(os.path.join(run, ckpt_lib.RUN_JSON))["class_ids"] == ["x", "y", "z"]
+
+
 def test_time_based_checkpoints(monkeypatch):
     """--checkpoint_every_secs saves when that much time has passed, even between step saves."""
     from keras_resnet.training import checkpoint as ckpt_lib

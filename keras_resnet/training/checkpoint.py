@@ -56,11 +56,22 @@ class CheckpointMismatchError(ValueError):
     """The model directory holds a checkpoint of a different network."""
 
 
+def holds_training(model_dir):
+    """Whether `model_dir` holds anything trained: a checkpoint, best.keras or latest.keras."""
+    checkpoints = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    return (os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+            or any(os.path.exists(os.path.join(model_dir, name))
+                   for name in (BEST_MODEL, FINAL_MODEL)))
+
+
 def check_run_identity(model_dir, identity):
     """Records the run's identity in run.json, or refuses a directory holding another network or
-    a run with another global batch size (`identity` has IDENTITY_FIELDS and RUN_FIELDS)."""
+    a run with another global batch size (`identity` has IDENTITY_FIELDS and RUN_FIELDS).
+
+    A run.json with nothing trained beside it (a run stopped before its first checkpoint, say
+    one started on the wrong --data_dir) is replaced: there is nothing to protect."""
     path = os.path.join(model_dir, RUN_JSON)
-    previous = read_json(path)
+    previous = read_json(path) if holds_training(model_dir) else None
     if previous is not None:
         def differ(fields):  # a field missing from an older run.json is not compared
             return ", ".join(_difference(k, previous[k], identity[k])
