@@ -218,13 +218,18 @@ def test_saved_model_evaluation_leaves_out_a_broken_file_and_refuses_other_class
     broken = tmp_path / "broken.jpg"
     data = open(source.val.files[0], "rb").read()
     broken.write_bytes(data[:20] + b"\x00" * 200 + b"\xff\xd9")  # passes the checks, won't decode
-    split = dataclasses.replace(source.val, files=np.array([str(broken), *source.val.files]),
-                                labels=np.array([0, *source.val.labels]), num_examples=None)
+    # A file deleted (or unreadable) since the split was listed is left out too.
+    gone = tmp_path / "deleted.jpg"
+    split = dataclasses.replace(
+        source.val, files=np.array([str(broken), *source.val.files[:3], str(gone),
+                                    *source.val.files[3:]]),
+        labels=np.array([0, *source.val.labels[:3], 1, *source.val.labels[3:]]),
+        num_examples=None)
     protocol = evaluate.Protocol.make("center_crop", 32)
     result = evaluate.evaluate_path(saved, split, protocol, batch_size=4, progress=False,
                                     num_classes=3, class_ids=source.class_ids)
     whole = evaluate.evaluate_path(saved, source.val, protocol, batch_size=4, progress=False)
-    assert (result["images"], result["skipped"]) == (6, 1)
+    assert (result["images"], result["skipped"]) == (6, 2)
     assert (result["top1"], result["top5"]) == (whole["top1"], whole["top5"])
     other = [*source.class_ids[:2], "zebra"]
     for kwargs, message in ((dict(num_classes=4), "predicts 3 classes but the dataset has 4"),
@@ -232,3 +237,30 @@ def test_saved_model_evaluation_leaves_out_a_broken_file_and_refuses_other_class
                              r"trained on other classes than the dataset's \(class #2 is")):
         with pytest.raises(ValueError, match=message):
             evaluate.evaluate_path(saved, source.val, protocol, progress=False, **kwargs)
+
+
+def test_a_classes_json_of_another_model_beside_a_keras_file_is_refused(tmp_path):
+    """classes.json beside a .keras file that lists another number of classes than the model's
+    output: a clear error, not an IndexError or a score against the wrong classes."""
+    import keras
+
+    from keras_resnet.model.resnet import build_resnet
+    from keras_resnet.serving import export
+    from pipelines.demo import make_demo
+    from pipelines.sources import load_source
+
+    keras.utils.set_random_seed(0)
+    source = load_source("demo", make_demo(str(tmp_path / "data"), num_classes=3,
+                                           train_per_class=1, val_per_class=1))
+    path = str(tmp_path / "model.keras")
+    build_resnet(18, num_classes=3, input_shape=(None, None, 3),
+                 include_preprocessing=True).save(path)
+    protocol = evaluate.Protocol.make("center_crop", 32)
+    export.write_classes_json(str(tmp_path / export.CLASSES_JSON), source.class_ids[:2])
+    with pytest.raises(ValueError, match="lists 2 classes but the model predicts 3"):
+        evaluate.evaluate_path(path, source.val, protocol, progress=False, num_classes=3,
+                               class_ids=source.class_ids)
+    export.write_classes_json(str(tmp_path / export.CLASSES_JSON), source.class_ids)
+    result = evaluate.evaluate_path(path, source.val, protocol, progress=False, num_classes=3,
+                                    class_ids=source.class_ids)
+    assert (result["images"], result["skipped"]) == (3, 0)

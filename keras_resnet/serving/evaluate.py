@@ -116,8 +116,10 @@ def image_dataset(split, protocol, batch_size):
 
 
 def bytes_dataset(split, batch_size):
-    """Batches of (encoded bytes, labels), for a SavedModel's serving_default."""
-    return _raw_dataset(split).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    """Batches of (encoded bytes, labels), for a SavedModel's serving_default; files that cannot
+    be read are logged and left out (counted as skipped)."""
+    return (_raw_dataset(split).ignore_errors(log_warning=True).batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE))
 
 
 # --------------------------------------------------------------------------------- predicting
@@ -168,7 +170,7 @@ def _predict_each(predict, inputs, labels):
         try:
             rows.append(predict(inputs[i:i + 1])[0])
             kept.append(i)
-        except tf.errors.InvalidArgumentError:
+        except tf.errors.OpError:
             pass
     return (np.stack(rows) if rows else None), labels[kept]
 
@@ -194,7 +196,7 @@ def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=
         else:
             try:
                 probs = predict(inputs)
-            except tf.errors.InvalidArgumentError:
+            except tf.errors.OpError:  # e.g. a SavedModel refusing a batch with a bad file
                 probs, labels = _predict_each(predict, inputs, labels)
                 if probs is None:
                     continue
@@ -243,12 +245,12 @@ def evaluate_path(path, split, protocol, *, batch_size=64, depth=None, variant=N
         return _record(result, saved_model, protocol, split)
     from keras_resnet.model import weights
 
-    if not sizes_given:
-        protocol = _run_protocol(path, protocol)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         model = weights.build_from_weights(path, depth=depth, variant=variant,
                                            classifier_activation="softmax")
+    if not sizes_given:
+        protocol = _run_protocol(path, protocol, model)
     _check_classes(path, _run_class_ids(path), num_classes, class_ids,
                    model_classes=model.outputs[0].shape[-1])
     crops = 10 if protocol.name == "ten_crop" else 1
@@ -263,17 +265,14 @@ def _run_dir(path):
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
-def _run_protocol(path, protocol):
+def _run_protocol(path, protocol, model):
     """`protocol` at the evaluation sizes of the training run `path` comes from, if any."""
-    from keras_resnet.files import read_json
+    from keras_resnet.serving.export import eval_sizes
 
-    run = read_json(os.path.join(_run_dir(path), "config.json")) or {}
-    crop = run.get("eval_image_size") or run.get("image_size")
+    crop, resize = eval_sizes(path, model)
     if not isinstance(crop, int) or crop < 32:
         return protocol
-    resize = run.get("eval_resize_size") or None
-    return Protocol.make(protocol.name, crop, resize_size=resize if isinstance(resize, int)
-                         else None)
+    return Protocol.make(protocol.name, crop, resize_size=resize or None)
 
 
 def _run_class_ids(path):
@@ -285,8 +284,14 @@ def _run_class_ids(path):
 
 
 def _check_classes(path, model_ids, num_classes, class_ids, model_classes=None):
-    """Refuses a model of other classes than the dataset's (ids when both sides have them)."""
-    model_classes = len(model_ids) if model_ids is not None else model_classes
+    """Refuses a model of other classes than the dataset's (ids when both sides have them), and
+    a classes.json beside the model that lists another number of classes than its output."""
+    if model_ids is not None and model_classes is not None and len(model_ids) != model_classes:
+        raise ValueError(f"the classes.json beside {path} lists {len(model_ids)} classes but the "
+                         f"model predicts {model_classes}: it belongs to another model; move it "
+                         "away or put the model's own classes.json there.")
+    model_classes = model_classes if model_classes is not None else (
+        len(model_ids) if model_ids is not None else None)
     if num_classes is not None and model_classes is not None and model_classes != num_classes:
         raise ValueError(f"{path} predicts {model_classes} classes but the dataset has "
                          f"{num_classes}; evaluate it on the dataset it was trained for.")

@@ -268,13 +268,15 @@ def find_checkpoint(model_dir):
 
 
 def eval_sizes(model_path, model, image_size=None, resize_size=None):
-    """(crop, resize) at which to evaluate `model`, loaded from `model_path`: the sizes given, else
+    """(crop, resize) at which to evaluate `model`, loaded from `model_path` (a file or a run
+    directory): the sizes given, else
     the model's fixed input size, else the training run's --eval_image_size / --eval_resize_size
     (config.json beside the model; a FixRes run trains at one size and evaluates at another).
     resize 0: crop x 256/224. crop None: a model of any input size with no run config beside it.
     """
-    run = files.read_json(os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json"))
-    run = run or {}
+    run_dir = (model_path if os.path.isdir(model_path)
+               else os.path.dirname(os.path.abspath(model_path)))
+    run = files.read_json(os.path.join(run_dir, "config.json")) or {}
     run_crop = run.get("eval_image_size") or run.get("image_size")
     crop = image_size or model.inputs[0].shape[1] or run_crop
     resize = resize_size or (run.get("eval_resize_size") if crop == run_crop else 0) or 0
