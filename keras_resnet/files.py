@@ -47,7 +47,16 @@ def atomic_path(path):
 
 
 def _umask():
-    mask = os.umask(0o022)  # reading the umask means setting it: set it back at once
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status):
+    setting it to read it would race with threads creating files meanwhile."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere reading the umask means setting it: set it back at once
     os.umask(mask)
     return mask
 

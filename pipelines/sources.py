@@ -45,8 +45,8 @@ INDEX_FILE = ".keras_resnet_index.npz"
 # 2: screening searches a 4 KiB tail; 3: classes without training images; 4: mapping and CSV
 # read with a byte-order mark, tab-separated mapping, CSV ImageIds with a file extension, class
 # folders read with their sub-folders; 5: valid/ or validation/ as the validation folder, names
-# that are not UTF-8 skipped
-INDEX_VERSION = 5
+# that are not UTF-8 skipped; 6: links to nothing loose in a split folder reported
+INDEX_VERSION = 6
 # Folder names of the validation split, in order of preference (Kaggle: val/; many datasets
 # published in the ImageFolder layout: valid/ or validation/).
 VAL_DIRS = ("val", "valid", "validation")
@@ -231,14 +231,14 @@ def _read_synset_mapping(path: str) -> tuple[list[str], list[str]]:
     pairs = []
     # utf-8-sig: a byte-order mark (files saved on Windows) is not part of the first class id.
     with open(path, encoding="utf-8-sig") as f:
-        for line in f:
-            # "id names": a tab between them (then an id may hold spaces), else a space.
-            if "\t" in line.strip():
-                fields = [x.strip() for x in line.strip().split("\t", 1)]
-            else:
-                fields = line.split(maxsplit=1)
-            if fields:
-                pairs.append((fields[0], fields[1].strip() if len(fields) > 1 else fields[0]))
+        lines = [line.strip() for line in f if line.strip()]
+    # "id names": tab-separated when every line with a separator has a tab (then an id may hold
+    # spaces), else space-separated (then a name may hold a tab); decided for the whole file.
+    tabs = all("\t" in line for line in lines if len(line.split()) > 1)
+    for line in lines:
+        fields = ([x.strip() for x in line.split("\t", 1)] if tabs
+                  else line.split(maxsplit=1))
+        pairs.append((fields[0], fields[1].strip() if len(fields) > 1 else fields[0]))
     if not pairs:
         raise DataError(f"{path} is empty: re-extract it with "
                         "`python -m keras_resnet.download --data_dir=DIR`")
@@ -269,10 +269,21 @@ def _image_id(name: str) -> str:
     return stem if ext.lower() in IMAGE_EXTENSIONS else name
 
 
-def _list_files(directory: str) -> list[str]:
-    """Names of the visible regular files in `directory` (hidden files are temp or metadata)."""
+def _list_files(directory: str, skipped: list[tuple[str, str]]) -> list[str]:
+    """Names of the visible regular files in `directory` (hidden files are temp or metadata);
+    names that are not UTF-8 and links to nothing go to `skipped` with the reason."""
+    names = []
     with os.scandir(directory) as it:
-        return [e.name for e in it if e.is_file() and not e.name.startswith(".")]
+        for entry in it:
+            if entry.name.startswith(".") or entry.is_dir():
+                continue
+            if not _is_utf8(entry.name):
+                skipped.append((printable(entry.path), "name is not UTF-8: rename it"))
+            elif entry.is_file():
+                names.append(entry.name)
+            elif entry.is_symlink():
+                skipped.append((entry.path, "link to a file that does not exist"))
+    return names
 
 
 def _is_utf8(name: str) -> bool:
@@ -391,10 +402,7 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
             pairs += [(os.path.join(dir_name, sub, n), class_index[sub])
                       for n in _list_class_folder(os.path.join(split_dir, sub), nested,
                                                   image_root, skipped)]
-        loose = _list_files(split_dir)
-        skipped += [(printable(os.path.join(split_dir, n)), "name is not UTF-8: rename it")
-                    for n in loose if not _is_utf8(n)]
-        loose = [n for n in loose if _is_utf8(n)]
+        loose = _list_files(split_dir, skipped)
         has_solution = bool(meta_dir) and os.path.isfile(os.path.join(meta_dir, VAL_SOLUTION))
         # A flat val/ needs the CSV; next to class folders, loose files are strays (or half-run
         # valprep, which the CSV still labels).
@@ -457,9 +465,12 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped):
                         f"(files like {sorted(names)[0]!r}, ImageIds like {min(labels)!r}): "
                         f"use that dataset's {VAL_SOLUTION}, or sort val/ into class folders")
     if not _list_dirs(val_dir):
-        # Rows without a file mean an incomplete extraction (unless valprep moved them).
-        skipped += [(os.path.join(val_dir, i + ".JPEG"), f"missing (listed in {VAL_SOLUTION})")
-                    for i in sorted(set(labels) - seen)]
+        # Rows without a file mean an incomplete extraction (unless valprep moved them); a link
+        # to nothing is already reported as such.
+        reported = {path for path, _ in skipped}
+        skipped += [(path, f"missing (listed in {VAL_SOLUTION})")
+                    for path in (os.path.join(val_dir, i + ".JPEG")
+                                 for i in sorted(set(labels) - seen)) if path not in reported]
     return pairs
 
 

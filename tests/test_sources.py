@@ -110,6 +110,7 @@ def test_names_that_are_not_utf8_and_dangling_links_are_skipped_and_reported(tmp
     with open(raw + b"/d\xe9j\xe0/x.jpg", "wb") as f:
         f.write(image_bytes(rng, 32))
     (root / "train" / "bird" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (root / "train" / "loose.jpg").symlink_to(tmp_path / "nowhere.jpg")  # beside the classes
     for _ in range(2):  # built, then read from the cached index
         src = load_source("imagenet", str(root))
         assert src.class_ids == ["bird", "cat"] and src.train.num_examples == 2
@@ -117,8 +118,8 @@ def test_names_that_are_not_utf8_and_dangling_links_are_skipped_and_reported(tmp
         assert reasons[str(root / "train" / "cat" / "caf\ufffd.jpg")] == \
             "name is not UTF-8: rename it"
         assert reasons[str(root / "train" / "d\ufffdj\ufffd")] == "name is not UTF-8: rename it"
-        assert reasons[str(root / "train" / "bird" / "gone.jpg")] == \
-            "link to a file that does not exist"
+        for link in (root / "train" / "bird" / "gone.jpg", root / "train" / "loose.jpg"):
+            assert reasons[str(link)] == "link to a file that does not exist"
 
 
 def test_index_is_cached_and_invalidated_when_the_tree_changes(tree, monkeypatch):
@@ -244,6 +245,11 @@ def test_tab_separated_mapping_names_class_ids_with_spaces(tmp_path):
     src = load_source("imagenet", str(tmp_path))
     assert (src.class_ids, src.class_names) == (["sea lion", "seal"], ["Sea lion, big", "Seal"])
     assert src.train.num_examples == 2 and src.layout == "kaggle"
+    # Space-separated, one name holding a tab: the id is still the first word.
+    (tmp_path / "LOC_synset_mapping.txt").write_text("sea lion\tSea lion\nseal Seal\n")
+    os.rename(tmp_path / "train" / "sea lion", tmp_path / "train" / "sea")
+    src = load_source("imagenet", str(tmp_path))
+    assert (src.class_ids, src.class_names) == (["sea", "seal"], ["lion\tSea lion", "Seal"])
 
 
 def test_image_folder_three_levels_below_label_files_is_not_labelled_by_them(tmp_path):

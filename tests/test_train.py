@@ -114,7 +114,7 @@ def test_missing_imagenet_says_how_to_get_it(tmp_path):
     assert "--dataset=demo" in result.stderr
 
 
-def test_a_dataset_of_one_class_is_refused(tmp_path):
+def test_a_dataset_of_one_class_is_refused(tmp_path, monkeypatch):
     # A softmax over one class is always 1: it would "train" to 100% and learn nothing.
     from keras_resnet.training import inputs
     from tests.kaggle_tree import image_bytes
@@ -125,8 +125,17 @@ def test_a_dataset_of_one_class_is_refused(tmp_path):
         (tmp_path / "train" / "cat" / f"{i}.jpg").write_bytes(image_bytes(rng, 32))
     config = Config(dataset="imagenet", data_dir=str(tmp_path), batch_size=2)
     with pytest.raises(inputs.UserError, match=r"has 1 class \(cat\); a classifier needs at "
-                                               r"least 2"):
+                                               r"least 2: add a folder per class"):
         inputs.load_data(config, writer=False)
+    # A TFDS dataset has no folder: the message names the TFDS data dir, not "None".
+    from pipelines import sources
+
+    one_class = sources.load_source("imagenet", str(tmp_path))
+    monkeypatch.setattr(sources, "load_source", lambda *args, **kwargs: one_class)
+    with pytest.raises(inputs.UserError) as refused:
+        inputs.load_data(Config(dataset="tfds:one_class", batch_size=2), writer=False)
+    assert "under the TFDS data dir has 1 class" in str(refused.value)
+    assert "None" not in str(refused.value) and "folder" not in str(refused.value)
 
 
 def test_batch_must_divide_over_replicas(tmp_path, monkeypatch):

@@ -109,6 +109,20 @@ def test_strided_tensors_read_like_torch(tmp_path):
 
 # ------------------------------------------------------------------------ writing: round trips
 
+def test_umask_is_read_without_setting_it(monkeypatch):
+    """Setting the umask to read it races with other threads creating files: on Linux it is read
+    from /proc/self/status."""
+    from keras_resnet import files
+
+    before = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("the umask was set"))
+        assert files._umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(before)
+
+
 @pytest.mark.parametrize("fmt, suffix", [("torchvision", ".pth"), ("safetensors", ".safetensors")])
 def test_written_weights_read_back_identical(tmp_path, fmt, suffix):
     model = build_resnet(18, num_classes=NUM_CLASSES, input_shape=(SIZE, SIZE, 3))

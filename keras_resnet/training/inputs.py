@@ -52,9 +52,12 @@ def load_data(config, writer=True):
                         f"{config.resolved_data_dir or 'the TFDS data dir'}.")
     if len(source.class_ids) < 2:
         # A softmax over one class is always 1: nothing to learn, every metric 100%.
-        raise UserError(f"--dataset={config.dataset} under {config.resolved_data_dir} has "
+        raise UserError(f"--dataset={config.dataset} under "
+                        f"{config.resolved_data_dir or 'the TFDS data dir'} has "
                         f"{len(source.class_ids)} class ({', '.join(source.class_ids)}); a "
-                        "classifier needs at least 2: add a folder per class under train/.")
+                        "classifier needs at least 2: "
+                        + ("add a folder per class under train/." if config.resolved_data_dir
+                           else "use a dataset with several classes."))
     logging.info("Dataset %s: %d classes, %d train, %d val images.", source.name,
                  len(source.class_ids), source.train.num_examples,
                  source.val.num_examples if source.val else 0)
