@@ -30,8 +30,8 @@ _ORDER_SALT, _AUGMENT_SALT, _MIX_SALT = 0, 1, 2
 CACHE_MAX_BYTES = 1 << 30
 # Shuffle buffer for splits given as records (TFDS), which have no file list to permute.
 RECORDS_SHUFFLE_BUFFER = 10_000
-# Stand-ins tried for a batch with a file that fails to decode: the batch's files shifted by 1,
-# 2, ... in the index (the first that decodes fills the batch; see load_batch).
+# Stand-ins tried for a file that fails to decode: the files after it in the index (the first
+# that decodes takes its position; see load_batch).
 SUBSTITUTES = 3
 # Prepared shards (pipelines.prepare): an input pipeline reads SHARD_CYCLE shards at a time,
 # round robin, and permutes each window of SHUFFLE_WINDOW consecutive records (see _shard_plan).
@@ -277,6 +277,17 @@ def _permute_window(window, seed, epoch, w):
     return tf.gather(image_bytes, order), tf.gather(labels, order)
 
 
+def _first_per_slot(ds, n):
+    """The example of the first element (slot, example) of `ds` for each slot in [0, n)."""
+    def step(filled, element):
+        slot, example = element
+        keep = tf.logical_not(filled[slot])
+        return tf.tensor_scatter_nd_update(filled, [[slot]], [True]), (keep, example)
+
+    return (ds.scan(tf.zeros([n], tf.bool), step).filter(lambda keep, example: keep)
+            .map(lambda keep, example: example))
+
+
 def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed: int,
                         start_epoch: int = 0, num_epochs: int = 1, skip_steps: int = 0,
                         input_context=None, deterministic: bool = False, cache=None,
@@ -292,8 +303,9 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     (no file is read); skip_steps >= steps_per_epoch rolls over into later epochs.
     input_context: each input pipeline keeps positions p % num_input_pipelines == its id and
     batches the per-replica batch size, so each image is decoded by one worker only.
-    deterministic=False lets parallel maps emit out of order (faster); the set of pixels and
-    labels in each batch is then only approximately reproducible.
+    deterministic=False lets parallel maps emit out of order (faster): a file split's batches
+    still hold the same examples (with the same pixels), in another order within each batch (so
+    mixing pairs them otherwise); a records split's batches may also swap examples.
     cache: None, "memory" or a file path. For file splits, the encoded files are read once into
     memory (crops stay random each epoch); limited to CACHE_MAX_BYTES.
     data_service: "grpc://host:port" of a tf.data service dispatcher, or None. Decoding moves to
@@ -301,9 +313,9 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     dynamically across service workers, so every example is decoded once per epoch (with
     "parallel_epochs" each service worker would emit the whole epoch again). Batches are formed on
     the client; order is then non-deterministic, the pixels of each example are not.
-    A file that cannot be read or decoded is logged and its batch filled up with a stand-in (the
-    file after the batch's first file in the index, with that position's seed; SUBSTITUTES
-    shifts tried), so later batches, and a resume, are as without the failure. A
+    A file that cannot be read or decoded is logged and its position filled by a stand-in (the
+    next file of the index that decodes, SUBSTITUTES tried, with that position's seed), so later
+    batches, and a resume, are as without the failure. A
     record (TFDS, shards) that fails is dropped and the stream topped up from the epoch after the
     last one: the number of batches stays exact, later batches shift by one example.
     max_steps_per_epoch: shorter epochs (each still a fresh permutation of the whole split), so a
@@ -357,7 +369,10 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         return image
 
     def mix_batch(images, labels, epochs, positions):
-        batch_seed = _example_seed(seed, epochs[0], positions[0], _MIX_SALT)
+        # The batch's first position (its smallest: the seed does not depend on the order
+        # within the batch, which deterministic=False and stand-ins may change).
+        batch_seed = _example_seed(seed, tf.reduce_min(epochs), tf.reduce_min(positions),
+                                   _MIX_SALT)
         return augment_lib.mix_batch(images, labels, batch_seed, mix, num_classes)
 
     has_files, image_bytes = _has_files(split), None
@@ -379,21 +394,42 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         return keep(train_image(raw, epoch, pos), labels[idx], epoch, pos)
 
     def load_batch(epochs, positions, idxs):
-        # One batch's positions: their files, then, when one fails to decode (it passed the
-        # start-up check), the same positions' files shifted by 1 (then 2, ...) in the index, of
-        # which the first that decodes fills the batch (read only after a failure; it may repeat
-        # a file of the batch on a tiny dataset). Every batch keeps its positions, so the
-        # batches after it, and a resume that skips whole batches, stay as uninterrupted.
-        def read(shift):
-            ds = tf.data.Dataset.from_tensor_slices(
-                (epochs, positions, (idxs + shift) % split.num_examples))
-            return ds.map(load, num_parallel_calls=AUTOTUNE,
-                          deterministic=deterministic).ignore_errors(log_warning=True)
+        # One batch's positions ("slots"). A slot whose file fails to decode (it passed the
+        # start-up check) is filled by a stand-in: its own file shifted by 1 (then 2, ...) in
+        # the index, the first that decodes, with the slot's epoch and position (its seed).
+        # Every batch keeps its positions, so the batches after it, and a resume that skips
+        # whole batches, stay as uninterrupted.
+        n = tf.size(positions)
+        slots = tf.range(n)
 
-        ds = read(0)
-        for shift in range(1, 1 + SUBSTITUTES):
-            ds = ds.concatenate(read(shift))
-        return ds.take(tf.size(positions, out_type=tf.int64))
+        def read(slot_ids, shifts, parallel=True, log=True):
+            """(slot, example) of each (slot, shift) whose file decodes."""
+            def decoded(slot, shift):
+                idx = (tf.gather(idxs, slot) + tf.cast(shift, idxs.dtype)) % split.num_examples
+                return slot, load(tf.gather(epochs, slot), tf.gather(positions, slot), idx)
+
+            ds = tf.data.Dataset.from_tensor_slices((slot_ids, shifts))
+            if not parallel:
+                return ds.map(decoded).ignore_errors(log_warning=log)
+            ds = ds.map(decoded, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+            return ds.ignore_errors(log_warning=log)
+
+        def stand_ins(_):
+            # Read only when the batch fell short (concatenate opens it then): which slots
+            # failed is found by decoding the batch again, then each one's shifted files are
+            # tried in turn, one at a time.
+            ok = read(slots, tf.zeros_like(slots), log=False).reduce(
+                tf.zeros([n], tf.bool),
+                lambda filled, element: tf.tensor_scatter_nd_update(filled, [[element[0]]],
+                                                                    [True]))
+            missing = tf.boolean_mask(slots, tf.logical_not(ok))
+            shifts = tf.repeat(tf.range(1, 1 + SUBSTITUTES), tf.size(missing))
+            tried = read(tf.tile(missing, [SUBSTITUTES]), shifts, parallel=False)
+            return _first_per_slot(tried, n)
+
+        own = read(slots, tf.zeros_like(slots)).map(lambda slot, example: example)
+        return own.concatenate(tf.data.Dataset.from_tensors(0).flat_map(stand_ins)).take(
+            tf.cast(n, tf.int64))
 
     def load_record(epoch, pos, raw, label):
         return keep(train_image(raw, epoch, pos), tf.cast(label, tf.int64), epoch, pos)
@@ -403,9 +439,11 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
             ds = _file_positions(split.num_examples, examples_per_epoch, seed, first_epoch,
                                  epochs, skip_positions, pipeline_id, num_pipelines, repeated_aug)
             # Positions per pipeline come in batch-sized groups, aligned with the batches.
+            # The groups stay in order whatever `deterministic` says (two are read at once),
+            # so each batch holds its own positions; only the order within a batch may vary.
             ds = ds.batch(batch_size).interleave(
                 load_batch, cycle_length=2, block_length=batch_size, num_parallel_calls=2,
-                deterministic=deterministic)
+                deterministic=True)
         elif shards is not None:   # read sequentially; --cache would hold the whole run's stream
             ds = _shard_positions(shards, examples_per_epoch, seed, first_epoch, epochs,
                                   skip_positions, pipeline_id, num_pipelines)

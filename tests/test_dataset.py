@@ -106,6 +106,18 @@ def test_resume_equals_the_tail_of_an_uninterrupted_run(split, skip_steps):
     np.testing.assert_array_equal(_pixels(resumed), _pixels(full[skip_steps:]))
 
 
+def test_non_deterministic_order_keeps_each_batchs_examples(split):
+    """deterministic=False may reorder examples within a batch, never move one to another."""
+    ordered = _train(split, num_epochs=2)
+    loose = _train(split, num_epochs=2, deterministic=False)
+
+    def content(batch):
+        x, y = batch
+        return sorted((int(label), image.tobytes()) for image, label in zip(x, y, strict=True))
+
+    assert [content(b) for b in loose] == [content(b) for b in ordered]
+
+
 def test_two_input_pipelines_partition_each_epoch(split):
     full = _train(split, num_epochs=2)
     full_by_label = {}
@@ -147,6 +159,36 @@ def test_bad_files_keep_the_epoch_length(split, tmp_path):
         resumed = _train(broken, num_epochs=2, skip_steps=skip_steps)
         np.testing.assert_array_equal(_labels(resumed), labels[skip_steps * BATCH:])
         np.testing.assert_array_equal(_pixels(resumed), _pixels(batches[skip_steps:]))
+
+
+def test_a_file_that_fails_is_stood_in_for_by_the_next_that_decodes_at_its_position(
+        split, tmp_path):
+    """The stand-in takes the failed file's position (its crop seed): the run equals one whose
+    split lists the stand-in's file there. Two failures in a row: both get the next good file."""
+    data = open(split.files[0], "rb").read()
+    (tmp_path / "cut.JPEG").write_bytes(data[:200])
+    (tmp_path / "junk.JPEG").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    files = list(split.files)
+    bad = [str(tmp_path / "cut.JPEG"), str(tmp_path / "junk.JPEG")]
+    labels = np.arange(len(files))
+    at = [7, 8]  # not a batch's first position
+    broken_files, stood_in = list(files), list(files)
+    for i, path in zip(at, bad, strict=True):
+        broken_files[i] = path
+        stood_in[i] = files[9]
+    stood_in_labels = labels.copy()
+    stood_in_labels[at] = 9
+    broken = _train(FakeSplit(np.array(broken_files), labels, None, len(files)), num_epochs=2)
+    expected = _train(FakeSplit(np.array(stood_in), stood_in_labels, None, len(files)),
+                      num_epochs=2)
+
+    def content(batch):  # a batch's examples, whatever their order within it
+        x, y = batch
+        return sorted((int(label), image.tobytes()) for image, label in zip(x, y, strict=True))
+
+    assert len(broken) == len(expected) == 10
+    assert [content(b) for b in broken] == [content(b) for b in expected]
+    assert not set(_labels(broken)) & set(at)
 
 
 def test_cache_gives_the_same_batches(split, tmp_path):
