@@ -31,8 +31,9 @@ CACHE_MAX_BYTES = 1 << 30
 # Shuffle buffer for splits given as records (TFDS), which have no file list to permute.
 RECORDS_SHUFFLE_BUFFER = 10_000
 # Stand-ins tried for a file that fails to decode: the files after it in the index (the first
-# that decodes takes its position; see load_batch).
-SUBSTITUTES = 3
+# that decodes takes its position; see load_batch). Tried one at a time and only after a
+# failure, so a run of bad files in one class folder costs nothing until it happens.
+SUBSTITUTES = 16
 # Prepared shards (pipelines.prepare): an input pipeline reads SHARD_CYCLE shards at a time,
 # round robin, and permutes each window of SHUFFLE_WINDOW consecutive records (see _shard_plan).
 SHARD_CYCLE = 16

@@ -164,20 +164,21 @@ def test_bad_files_keep_the_epoch_length(split, tmp_path):
 def test_a_file_that_fails_is_stood_in_for_by_the_next_that_decodes_at_its_position(
         split, tmp_path):
     """The stand-in takes the failed file's position (its crop seed): the run equals one whose
-    split lists the stand-in's file there. Two failures in a row: both get the next good file."""
+    split lists the stand-in's file there. Five failures in a row (a bad folder): each gets the
+    next good file."""
     data = open(split.files[0], "rb").read()
     (tmp_path / "cut.JPEG").write_bytes(data[:200])
     (tmp_path / "junk.JPEG").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
     files = list(split.files)
-    bad = [str(tmp_path / "cut.JPEG"), str(tmp_path / "junk.JPEG")]
+    at = [7, 8, 9, 10, 11]  # not a batch's first position
+    bad = [str(tmp_path / ("cut.JPEG" if i % 2 else "junk.JPEG")) for i in at]
     labels = np.arange(len(files))
-    at = [7, 8]  # not a batch's first position
     broken_files, stood_in = list(files), list(files)
     for i, path in zip(at, bad, strict=True):
         broken_files[i] = path
-        stood_in[i] = files[9]
+        stood_in[i] = files[12]
     stood_in_labels = labels.copy()
-    stood_in_labels[at] = 9
+    stood_in_labels[at] = 12
     broken = _train(FakeSplit(np.array(broken_files), labels, None, len(files)), num_epochs=2)
     expected = _train(FakeSplit(np.array(stood_in), stood_in_labels, None, len(files)),
                       num_epochs=2)
