@@ -370,10 +370,12 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         return image
 
     def mix_batch(images, labels, epochs, positions):
-        # The batch's first position (its smallest: the seed does not depend on the order
-        # within the batch, which deterministic=False and stand-ins may change).
-        batch_seed = _example_seed(seed, tf.reduce_min(epochs), tf.reduce_min(positions),
-                                   _MIX_SALT)
+        # The batch's first example, (epoch, position) in order (the seed does not depend on
+        # the order within the batch, which deterministic=False and stand-ins may change; a
+        # batch may span two epochs after a dropped record).
+        first = tf.argmin(tf.cast(epochs, tf.int64) * examples_per_epoch
+                          + tf.cast(positions, tf.int64))
+        batch_seed = _example_seed(seed, epochs[first], positions[first], _MIX_SALT)
         return augment_lib.mix_batch(images, labels, batch_seed, mix, num_classes)
 
     has_files, image_bytes = _has_files(split), None

@@ -232,9 +232,11 @@ def _read_synset_mapping(path: str) -> tuple[list[str], list[str]]:
     # utf-8-sig: a byte-order mark (files saved on Windows) is not part of the first class id.
     with open(path, encoding="utf-8-sig") as f:
         lines = [line.strip() for line in f if line.strip()]
-    # "id names": tab-separated when every line with a separator has a tab (then an id may hold
-    # spaces), else space-separated (then a name may hold a tab); decided for the whole file.
-    tabs = all("\t" in line for line in lines if len(line.split()) > 1)
+    # "id names": tab-separated when most lines with a separator have a tab (then an id may
+    # hold spaces), else space-separated (then a name may hold a tab); decided for the whole
+    # file, so one odd line reads as its neighbours do.
+    several = [line for line in lines if len(line.split()) > 1]
+    tabs = 2 * sum("\t" in line for line in several) > len(several)
     for line in lines:
         fields = ([x.strip() for x in line.split("\t", 1)] if tabs
                   else line.split(maxsplit=1))

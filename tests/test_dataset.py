@@ -192,6 +192,30 @@ def test_a_file_that_fails_is_stood_in_for_by_the_next_that_decodes_at_its_posit
     assert not set(_labels(broken)) & set(at)
 
 
+def test_a_batch_spanning_two_epochs_has_a_mix_seed_of_its_own(split, tmp_path, monkeypatch):
+    """A records split tops up a dropped record from the next epoch, so a batch may hold the end
+    of one epoch and the start of the next: its mix seed must not repeat the next epoch's."""
+    from pipelines import augment
+
+    files = list(split.files)
+    (tmp_path / "bad.JPEG").write_bytes(open(files[0], "rb").read()[:200])
+    files[5] = str(tmp_path / "bad.JPEG")
+
+    def records():
+        return tf.data.Dataset.from_tensor_slices(
+            (np.array(files), np.arange(len(files)))).map(lambda f, y: (tf.io.read_file(f), y))
+
+    # Each batch returns its mix seed instead of mixing.
+    monkeypatch.setattr(augment, "mix_batch", lambda images, labels, seed, mix, num_classes: (
+        images, tf.tile(seed[None], [tf.shape(labels)[0], 1])))
+    ds = dataset.build_train_dataset(
+        FakeSplit(None, None, records, len(files)), global_batch_size=BATCH, image_size=SIZE,
+        seed=1, deterministic=True, num_epochs=2, mix=augment.BatchMix(mixup_alpha=0.2),
+        num_classes=NUM_FILES)
+    seeds = [tuple(y[0].numpy()) for _, y in ds]
+    assert len(seeds) == 10 and len(set(seeds)) == 10, seeds
+
+
 def test_cache_gives_the_same_batches(split, tmp_path):
     plain = _train(split, num_epochs=2)
     for cache in ("memory", str(tmp_path / "train_cache")):

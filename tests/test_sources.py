@@ -250,6 +250,13 @@ def test_tab_separated_mapping_names_class_ids_with_spaces(tmp_path):
     os.rename(tmp_path / "train" / "sea lion", tmp_path / "train" / "sea")
     src = load_source("imagenet", str(tmp_path))
     assert (src.class_ids, src.class_names) == (["sea", "seal"], ["lion\tSea lion", "Seal"])
+    # Tab-separated with one id-only line whose id holds a space: the id stays whole.
+    os.rename(tmp_path / "train" / "sea", tmp_path / "train" / "sea lion")
+    _image_folder(tmp_path, ("train",), ("walrus",), rng)
+    (tmp_path / "LOC_synset_mapping.txt").write_text("sea lion\nseal\tSeal\nwalrus\tWalrus, big\n")
+    src = load_source("imagenet", str(tmp_path))
+    assert (src.class_ids, src.class_names) == (["sea lion", "seal", "walrus"],
+                                                ["sea lion", "Seal", "Walrus, big"])
 
 
 def test_image_folder_three_levels_below_label_files_is_not_labelled_by_them(tmp_path):
