@@ -412,9 +412,8 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
                 return slot, load(tf.gather(epochs, slot), tf.gather(positions, slot), idx)
 
             ds = tf.data.Dataset.from_tensor_slices((slot_ids, shifts))
-            if not parallel:
-                return ds.map(decoded).ignore_errors(log_warning=log)
-            ds = ds.map(decoded, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+            ds = (ds.map(decoded, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+                  if parallel else ds.map(decoded))
             return ds.ignore_errors(log_warning=log)
 
         def stand_ins(_):

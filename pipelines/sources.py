@@ -271,21 +271,24 @@ def _image_id(name: str) -> str:
     return stem if ext.lower() in IMAGE_EXTENSIONS else name
 
 
-def _list_files(directory: str, skipped: list[tuple[str, str]]) -> list[str]:
-    """Names of the visible regular files in `directory` (hidden files are temp or metadata);
-    names that are not UTF-8 and links to nothing go to `skipped` with the reason."""
-    names = []
+def _scan(directory: str, skipped: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """(files, folders): the visible names in `directory` (hidden ones are temp or metadata),
+    in one listing (ImageNet's class folders hold 1.28M files). Names that are not UTF-8 and
+    links to nothing go to `skipped` with the reason."""
+    files, folders = [], []
     with os.scandir(directory) as it:
         for entry in it:
-            if entry.name.startswith(".") or entry.is_dir():
+            if entry.name.startswith("."):
                 continue
             if not _is_utf8(entry.name):
                 skipped.append((printable(entry.path), "name is not UTF-8: rename it"))
             elif entry.is_file():
-                names.append(entry.name)
+                files.append(entry.name)
+            elif entry.is_dir():
+                folders.append(entry.name)
             elif entry.is_symlink():
                 skipped.append((entry.path, "link to a file that does not exist"))
-    return names
+    return files, sorted(folders)
 
 
 def _is_utf8(name: str) -> bool:
@@ -309,21 +312,9 @@ def _list_class_folder(directory: str, nested: dict[str, int], image_root: str,
     ImageFolder, sub-folders are read too (their paths and mtimes go into `nested`, relative to
     `image_root`, so the cached index notices files added down there). Links to nothing and
     names that are not UTF-8 go to `skipped` with the reason."""
-    names, subs = [], []
-    with os.scandir(directory) as it:  # one listing: ImageNet's class folders hold 1.28M files
-        for entry in it:
-            if entry.name.startswith("."):
-                continue
-            if not _is_utf8(entry.name):
-                skipped.append((printable(entry.path), "name is not UTF-8: rename it"))
-            elif entry.is_file():
-                names.append(entry.name)
-            elif entry.is_dir():
-                subs.append(entry.name)
-            elif entry.is_symlink():
-                skipped.append((entry.path, "link to a file that does not exist"))
+    names, subs = _scan(directory, skipped)
     here = os.path.realpath(directory) + os.sep
-    for sub in sorted(subs):
+    for sub in subs:
         path = os.path.join(directory, sub)
         if here.startswith(os.path.realpath(path) + os.sep):
             continue  # a link back up the tree
@@ -391,12 +382,8 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
         if not os.path.isdir(split_dir):
             continue
         pairs = []   # (relative path, label)
-        subdirs = _list_dirs(split_dir)
+        loose, subdirs = _scan(split_dir, skipped)
         for sub in subdirs:
-            if not _is_utf8(sub):
-                skipped.append((printable(os.path.join(split_dir, sub)),
-                                "name is not UTF-8: rename it"))
-                continue
             if sub not in class_index:
                 skipped.append((os.path.join(split_dir, sub),
                                 f"folder not a class in {dir_name}/"))
@@ -404,7 +391,6 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
             pairs += [(os.path.join(dir_name, sub, n), class_index[sub])
                       for n in _list_class_folder(os.path.join(split_dir, sub), nested,
                                                   image_root, skipped)]
-        loose = _list_files(split_dir, skipped)
         has_solution = bool(meta_dir) and os.path.isfile(os.path.join(meta_dir, VAL_SOLUTION))
         # A flat val/ needs the CSV; next to class folders, loose files are strays (or half-run
         # valprep, which the CSV still labels).
