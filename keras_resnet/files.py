@@ -10,11 +10,13 @@ No TensorFlow import: the download and the data sources use this module too.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import uuid
+import warnings
 
 TMP_PREFIX = ".tmp-"
 _TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-")
@@ -142,6 +144,40 @@ def remove_stale_temps(directory):
                 os.remove(path)
         removed += 1
     return removed
+
+
+LOCK_NAME = ".lock"
+
+
+class Busy(Exception):
+    """Another process holds the directory (see `exclusive`)."""
+
+
+@contextlib.contextmanager
+def exclusive(directory):
+    """Holds an advisory lock on `directory/.lock` (created, with the holder's pid) for the block,
+    so two processes never write one directory at once; raises `Busy`, naming the holder, when
+    another process has it. The kernel releases the lock when the holder exits, however it ends
+    (`kill -9` included), so a stale lock file needs no cleanup. A file system without locks (some
+    network mounts) runs the block unlocked, with a warning."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise Busy(f"{directory} is in use by another process (pid {holder})") from None
+        except OSError as e:
+            warnings.warn(f"cannot lock {path} ({e.strerror}); nothing stops a second process "
+                          "from writing this directory at the same time", stacklevel=3)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def pid_alive(pid):

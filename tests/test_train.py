@@ -272,6 +272,32 @@ def test_run_identity_is_compared_only_when_something_was_trained(tmp_path):
     assert read_json(os.path.join(run, ckpt_lib.RUN_JSON))["class_ids"] == ["x", "y", "z"]
 
 
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
+    """A second run started in a folder another process trains in is refused before it reads any
+    data (run.json is not compared until the first checkpoint, so it would not be); the lock goes
+    with its holder, even one killed with SIGKILL."""
+    from keras_resnet.training.run import UserError, train_and_evaluate
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from keras_resnet import files\n"
+         f"with files.exclusive({str(run)!r}):\n print('held', flush=True); time.sleep(300)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        config = tiny_config(tmp_path, data_dir=str(tmp_path / "missing"))
+        with pytest.raises(UserError, match=rf"in use by another process \(pid {holder.pid}\).*"
+                                            r"another --model_dir"):
+            train_and_evaluate(config)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(UserError) as e:  # the lock died with its holder: on to reading the data
+        train_and_evaluate(tiny_config(tmp_path, data_dir=str(tmp_path / "missing")))
+    assert "in use" not in str(e.value)
+    assert not any(name.startswith(".tmp") for name in os.listdir(run))
+
+
 def test_time_based_checkpoints(monkeypatch):
     """--checkpoint_every_secs saves when that much time has passed, even between step saves."""
     from keras_resnet.training import checkpoint as ckpt_lib

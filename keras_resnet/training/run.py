@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_resnet import files
 from keras_resnet.files import read_json, write_json_atomic
 from keras_resnet.model.resnet import build_resnet
 from keras_resnet.training import callbacks as callbacks_lib
@@ -375,9 +376,18 @@ def train_and_evaluate(config):
     """Trains `config`, resuming from `model_dir` when it holds a checkpoint; returns results."""
     config.validate()
     runtime = setup(config)
+    if not runtime.writer:
+        return _train(config, runtime)
+    try:  # one writer per run folder for the whole run, refused before the data is even read
+        with files.exclusive(runtime.model_dir):
+            return _train(config, runtime)
+    except files.Busy as e:
+        raise UserError(f"{e}: wait for that run to end, or pass another --model_dir.") from None
+
+
+def _train(config, runtime):
     data = inputs.load_data(config, runtime.writer)
     if runtime.writer:
-        os.makedirs(runtime.model_dir, exist_ok=True)
         inputs.write_skipped_report(data, runtime.model_dir)
     trainer = build(config, runtime, data)
     if runtime.writer:
