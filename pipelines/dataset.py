@@ -278,17 +278,6 @@ def _permute_window(window, seed, epoch, w):
     return tf.gather(image_bytes, order), tf.gather(labels, order)
 
 
-def _first_per_slot(ds, n):
-    """The example of the first element (slot, example) of `ds` for each slot in [0, n)."""
-    def step(filled, element):
-        slot, example = element
-        keep = tf.logical_not(filled[slot])
-        return tf.tensor_scatter_nd_update(filled, [[slot]], [True]), (keep, example)
-
-    return (ds.scan(tf.zeros([n], tf.bool), step).filter(lambda keep, example: keep)
-            .map(lambda keep, example: example))
-
-
 def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed: int,
                         start_epoch: int = 0, num_epochs: int = 1, skip_steps: int = 0,
                         input_context=None, deterministic: bool = False, cache=None,
@@ -399,39 +388,41 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     def load_batch(epochs, positions, idxs):
         # One batch's positions ("slots"). A slot whose file fails to decode (it passed the
         # start-up check) is filled by a stand-in: its own file shifted by 1 (then 2, ...) in
-        # the index, the first that decodes, with the slot's epoch and position (its seed).
-        # Every batch keeps its positions, so the batches after it, and a resume that skips
-        # whole batches, stay as uninterrupted.
+        # the index, the first that decodes, with the slot's epoch and position (its seed), at
+        # the slot's index in the batch. Every batch keeps its positions, so the batches after
+        # it, and a resume that skips whole batches, stay as uninterrupted. Each slot's file is
+        # decoded once; stand-ins are read only for the slots that failed, one at a time.
         n = tf.size(positions)
         slots = tf.range(n)
 
-        def read(slot_ids, shifts, parallel=True, log=True):
-            """(slot, example) of each (slot, shift) whose file decodes."""
-            def decoded(slot, shift):
-                idx = (tf.gather(idxs, slot) + tf.cast(shift, idxs.dtype)) % split.num_examples
-                return slot, load(tf.gather(epochs, slot), tf.gather(positions, slot), idx)
+        def decoded(slot, shift):
+            idx = (tf.gather(idxs, slot) + tf.cast(shift, idxs.dtype)) % split.num_examples
+            return slot, load(tf.gather(epochs, slot), tf.gather(positions, slot), idx)
 
-            ds = tf.data.Dataset.from_tensor_slices((slot_ids, shifts))
-            ds = (ds.map(decoded, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-                  if parallel else ds.map(decoded))
-            return ds.ignore_errors(log_warning=log)
+        own = (tf.data.Dataset.from_tensor_slices(slots)
+               .map(lambda slot: decoded(slot, 0), num_parallel_calls=AUTOTUNE,
+                    deterministic=deterministic)
+               .ignore_errors(log_warning=True))
+        # The batch's decoded slots as one element (an empty one when every slot failed).
+        none = tf.nest.map_structure(lambda spec: tf.zeros([0, *spec.shape], spec.dtype),
+                                     own.element_spec)
+        decoded_slots = own.batch(tf.cast(n, tf.int64)).concatenate(tf.data.Dataset.from_tensors(none)).take(1)
 
-        def stand_ins(_):
-            # Read only when the batch fell short (concatenate opens it then): which slots
-            # failed is found by decoding the batch again, then each one's shifted files are
-            # tried in turn, one at a time.
-            ok = read(slots, tf.zeros_like(slots), log=False).reduce(
-                tf.zeros([n], tf.bool),
-                lambda filled, element: tf.tensor_scatter_nd_update(filled, [[element[0]]],
-                                                                    [True]))
-            missing = tf.boolean_mask(slots, tf.logical_not(ok))
-            shifts = tf.repeat(tf.range(1, 1 + SUBSTITUTES), tf.size(missing))
-            tried = read(tf.tile(missing, [SUBSTITUTES]), shifts, parallel=False)
-            return _first_per_slot(tried, n)
+        def stand_in(slot):  # the slot's shifted files, in turn, until one decodes
+            return (tf.data.Dataset.range(1, 1 + SUBSTITUTES)
+                    .map(lambda shift: decoded(slot, shift)[1])
+                    .ignore_errors(log_warning=True).take(1))
 
-        own = read(slots, tf.zeros_like(slots)).map(lambda slot, example: example)
-        return own.concatenate(tf.data.Dataset.from_tensors(0).flat_map(stand_ins)).take(
-            tf.cast(n, tf.int64))
+        def complete(got, examples):
+            failed = tf.logical_not(tf.reduce_any(slots[:, None] == got[None, :], axis=1))
+            stand_ins = tf.data.Dataset.from_tensor_slices(
+                tf.boolean_mask(slots, failed)).flat_map(stand_in)
+            return tf.data.Dataset.choose_from_datasets(
+                [tf.data.Dataset.from_tensor_slices(examples), stand_ins],
+                tf.data.Dataset.from_tensor_slices(tf.cast(failed, tf.int64)),
+                stop_on_empty_dataset=False)
+
+        return decoded_slots.flat_map(complete)
 
     def load_record(epoch, pos, raw, label):
         return keep(train_image(raw, epoch, pos), tf.cast(label, tf.int64), epoch, pos)

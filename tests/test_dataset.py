@@ -161,11 +161,15 @@ def test_bad_files_keep_the_epoch_length(split, tmp_path):
         np.testing.assert_array_equal(_pixels(resumed), _pixels(batches[skip_steps:]))
 
 
+@pytest.mark.parametrize("mix", [False, True])
 def test_a_file_that_fails_is_stood_in_for_by_the_next_that_decodes_at_its_position(
-        split, tmp_path):
-    """The stand-in takes the failed file's position (its crop seed): the run equals one whose
+        split, tmp_path, mix):
+    """The stand-in takes the failed file's position (its crop seed and its index in the batch,
+    so mixing pairs it as there): the run equals, batch for batch and pixel for pixel, one whose
     split lists the stand-in's file there. Five failures in a row (a bad folder): each gets the
     next good file."""
+    from pipelines import augment
+
     data = open(split.files[0], "rb").read()
     (tmp_path / "cut.JPEG").write_bytes(data[:200])
     (tmp_path / "junk.JPEG").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
@@ -179,17 +183,44 @@ def test_a_file_that_fails_is_stood_in_for_by_the_next_that_decodes_at_its_posit
         stood_in[i] = files[12]
     stood_in_labels = labels.copy()
     stood_in_labels[at] = 12
-    broken = _train(FakeSplit(np.array(broken_files), labels, None, len(files)), num_epochs=2)
+    options = dict(num_epochs=2, mix=augment.BatchMix(mixup_alpha=0.4, cutmix_alpha=1.0),
+                   num_classes=NUM_FILES) if mix else dict(num_epochs=2)
+    broken = _train(FakeSplit(np.array(broken_files), labels, None, len(files)), **options)
     expected = _train(FakeSplit(np.array(stood_in), stood_in_labels, None, len(files)),
-                      num_epochs=2)
-
-    def content(batch):  # a batch's examples, whatever their order within it
-        x, y = batch
-        return sorted((int(label), image.tobytes()) for image, label in zip(x, y, strict=True))
-
+                      **options)
     assert len(broken) == len(expected) == 10
-    assert [content(b) for b in broken] == [content(b) for b in expected]
-    assert not set(_labels(broken)) & set(at)
+    for (x, y), (x_expected, y_expected) in zip(broken, expected, strict=True):
+        np.testing.assert_array_equal(x, x_expected)
+        np.testing.assert_array_equal(y, y_expected)
+    if not mix:
+        assert not set(_labels(broken)) & set(at)
+
+
+def test_a_transient_read_error_gets_a_stand_in_and_no_file_is_read_twice(split, monkeypatch):
+    """A read that fails once (a network file system's hiccup) is stood in for at its position
+    like a bad file: the batches do not shift. Each position's file is read once."""
+    flaky = split.files[9]
+    reads = []
+
+    def read(path):
+        path = path.numpy().decode()
+        reads.append(path)
+        if path == flaky and reads.count(path) == 1:
+            raise OSError(f"transient failure reading {path}")
+        with open(path, "rb") as f:
+            return f.read()
+
+    real_read_file = tf.io.read_file
+    monkeypatch.setattr(tf.io, "read_file", lambda path: tf.py_function(read, [path], tf.string))
+    batches = _train(split, num_epochs=2)
+    monkeypatch.setattr(tf.io, "read_file", real_read_file)
+    plain = _train(split, num_epochs=2)
+    order = _labels(plain)
+    first = int(np.flatnonzero(order == 9)[0])
+    expected = order.copy()
+    expected[first] = (9 + 1) % NUM_FILES  # the next file of the index, at 9's first position
+    np.testing.assert_array_equal(_labels(batches), expected)
+    assert len(reads) == len(order) + 1  # every position once, plus the failed read
 
 
 def test_a_batch_spanning_two_epochs_has_a_mix_seed_of_its_own(split, tmp_path, monkeypatch):
