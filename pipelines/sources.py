@@ -454,11 +454,11 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped):
                         f"use that dataset's {VAL_SOLUTION}, or sort val/ into class folders")
     if not _list_dirs(val_dir):
         # Rows without a file mean an incomplete extraction (unless valprep moved them); a link
-        # to nothing is already reported as such.
-        reported = {path for path, _ in skipped}
-        skipped += [(path, f"missing (listed in {VAL_SOLUTION})")
-                    for path in (os.path.join(val_dir, i + ".JPEG")
-                                 for i in sorted(set(labels) - seen)) if path not in reported]
+        # to nothing is already reported as such (whatever its extension).
+        reported = {os.path.splitext(os.path.basename(path))[0] for path, _ in skipped
+                    if os.path.dirname(path) == val_dir}
+        skipped += [(os.path.join(val_dir, i + ".JPEG"), f"missing (listed in {VAL_SOLUTION})")
+                    for i in sorted(set(labels) - seen - reported)]
     return pairs
 
 

@@ -122,6 +122,22 @@ def test_names_that_are_not_utf8_and_dangling_links_are_skipped_and_reported(tmp
             assert reasons[str(link)] == "link to a file that does not exist"
 
 
+def test_a_flat_val_reports_each_absent_image_once(tree, tmp_path):
+    """In the flat Kaggle val/, an image replaced by a link to nothing (under any extension) is
+    reported as that link only; a deleted one as missing."""
+    val_dir = os.path.join(tree["image_root"], "val")
+    linked, deleted = sorted(tree["val"])[:2]
+    os.remove(linked)
+    os.remove(deleted)
+    link = os.path.splitext(linked)[0] + ".jpg"
+    os.symlink(tmp_path / "nowhere.jpg", link)
+    src = load_source("imagenet", tree["root"])
+    reports = [(path, reason) for path, reason in src.skipped if path.startswith(val_dir)]
+    assert sorted(reports) == sorted([(link, "link to a file that does not exist"),
+                                      (deleted, "missing (listed in LOC_val_solution.csv)")])
+    assert src.val.num_examples == len(tree["val"]) - 2
+
+
 def test_index_is_cached_and_invalidated_when_the_tree_changes(tree, monkeypatch):
     first = load_source("imagenet", tree["root"])
     assert os.path.isfile(os.path.join(tree["root"], sources.INDEX_FILE))
