@@ -197,6 +197,27 @@ def test_a_fixres_saved_model_is_evaluated_at_its_own_sizes(tmp_path):
                              f"--data_dir={tmp_path / 'data'}", "--image_size=40"]) == 1
 
 
+def test_a_model_that_fails_on_every_image_says_so():
+    """Batches that the model refuses are retried image by image (one bad file must not cost its
+    batch); when every image fails, the error names the model's failure, not the data."""
+    def batches():
+        for _ in range(2):
+            yield tf.zeros([3, 8, 8, 3]), tf.constant([0, 1, 2])
+
+    def refuses(inputs):
+        raise tf.errors.InvalidArgumentError(None, None, "Expected image (JPEG, PNG, ...)\n"
+                                                         "\t [[{{node DecodeImage}}]]")
+
+    with pytest.raises(ValueError, match=r"failed on every image it was given \(6; the first "
+                                         r"error: Expected image \(JPEG, PNG, \.\.\.\)\)"):
+        evaluate.evaluate(refuses, batches(), progress=False)
+    probs = np.eye(3, dtype=np.float32)
+    assert evaluate.evaluate(lambda inputs: probs[:len(inputs)], batches(),
+                             progress=False)["images"] == 6
+    with pytest.raises(ValueError, match="no image could be evaluated"):
+        evaluate.evaluate(refuses, iter(()), progress=False)
+
+
 def test_saved_model_evaluation_leaves_out_a_broken_file_and_refuses_other_classes(tmp_path):
     # The serving signature refuses a whole batch for one bad file: the others are scored.
     import dataclasses

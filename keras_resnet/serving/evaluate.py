@@ -162,16 +162,17 @@ def saved_model_predictor(path):
             resize_size, class_ids)
 
 
-def _predict_each(predict, inputs, labels):
+def _predict_each(predict, inputs, labels, errors):
     """(probabilities, labels) of the inputs that `predict` takes one at a time, for a batch it
-    refused (a SavedModel refuses a whole batch for one file that does not decode)."""
+    refused (a SavedModel refuses a whole batch for one file that does not decode); the errors
+    of those it refuses are appended to `errors`."""
     rows, kept = [], []
     for i in range(len(inputs)):
         try:
             rows.append(predict(inputs[i:i + 1])[0])
             kept.append(i)
-        except tf.errors.OpError:
-            pass
+        except tf.errors.OpError as e:
+            errors.append(e)
     return (np.stack(rows) if rows else None), labels[kept]
 
 
@@ -186,7 +187,7 @@ def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=
     from tqdm import tqdm
 
     correct = dict.fromkeys(TOP_K, 0)
-    images = 0
+    images, errors = 0, []
     for inputs, labels in tqdm(batches, total=num_batches, disable=not progress, unit="batch",
                                desc="evaluating", mininterval=1.0):
         inputs, labels = inputs.numpy(), labels.numpy()
@@ -197,7 +198,7 @@ def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=
             try:
                 probs = predict(inputs)
             except tf.errors.OpError:  # e.g. a SavedModel refusing a batch with a bad file
-                probs, labels = _predict_each(predict, inputs, labels)
+                probs, labels = _predict_each(predict, inputs, labels, errors)
                 if probs is None:
                     continue
         # Rank of the true class: how many classes score strictly higher (ties favour it, as
@@ -207,6 +208,11 @@ def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=
         for k in TOP_K:
             correct[k] += int((rank < k).sum())
         images += len(labels)
+    if not images and errors:
+        first = (errors[0].message.strip().splitlines() or [type(errors[0]).__name__])[0]
+        raise ValueError(f"the model failed on every image it was given ({len(errors):,}; the "
+                         f"first error: {first}): check that the model takes this dataset's "
+                         "images.")
     if not images:
         raise ValueError("no image could be evaluated (empty or unreadable validation split).")
     return {"top1": correct[1] / images, "top5": correct[5] / images, "images": images}
