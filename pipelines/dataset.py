@@ -294,8 +294,9 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     input_context: each input pipeline keeps positions p % num_input_pipelines == its id and
     batches the per-replica batch size, so each image is decoded by one worker only.
     deterministic=False lets parallel maps emit out of order (faster): a file split's batches
-    still hold the same examples (with the same pixels), in another order within each batch (so
-    mixing pairs them otherwise); a records split's batches may also swap examples.
+    still hold the same examples (with the same pixels), in another order within each batch (a
+    mixed batch is put in position order before mixing, so it is the same as with
+    `deterministic`); a records split's batches may also swap examples.
     cache: None, "memory" or a file path. For file splits, the encoded files are read once into
     memory (crops stay random each epoch); limited to CACHE_MAX_BYTES.
     data_service: "grpc://host:port" of a tf.data service dispatcher, or None. Decoding moves to
@@ -359,12 +360,14 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         return image
 
     def mix_batch(images, labels, epochs, positions):
-        # The batch's first example, (epoch, position) in order (the seed does not depend on
-        # the order within the batch, which deterministic=False and stand-ins may change; a
-        # batch may span two epochs after a dropped record).
-        first = tf.argmin(tf.cast(epochs, tf.int64) * examples_per_epoch
-                          + tf.cast(positions, tf.int64))
-        batch_seed = _example_seed(seed, epochs[first], positions[first], _MIX_SALT)
+        # In (epoch, position) order first: which examples are paired, and the batch's seed
+        # (its first example's), then do not depend on the order in which the batch was
+        # assembled (deterministic=False reorders it; a batch may span two epochs after a
+        # dropped record). With `deterministic` the batch is in that order already.
+        order = tf.argsort(tf.cast(epochs, tf.int64) * examples_per_epoch
+                           + tf.cast(positions, tf.int64), stable=True)
+        images, labels = tf.gather(images, order), tf.gather(labels, order)
+        batch_seed = _example_seed(seed, epochs[order[0]], positions[order[0]], _MIX_SALT)
         return augment_lib.mix_batch(images, labels, batch_seed, mix, num_classes)
 
     has_files, image_bytes = _has_files(split), None
@@ -462,7 +465,9 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     ds = ds.concatenate(examples(start_epoch + num_epochs, 1, 0, "_spare")).take(total)
     ds = ds.batch(batch_size, drop_remainder=True)
     if mix is not None:
-        ds = ds.map(mix_batch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        # In order whatever `deterministic` says: batches must not swap (a resume skips them by
+        # count).
+        ds = ds.map(mix_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.prefetch(AUTOTUNE)
     return ds.with_options(_options(deterministic, sharded=input_context is not None))
 

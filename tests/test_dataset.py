@@ -118,6 +118,21 @@ def test_non_deterministic_order_keeps_each_batchs_examples(split):
     assert [content(b) for b in loose] == [content(b) for b in ordered]
 
 
+def test_non_deterministic_order_mixes_as_deterministic(split):
+    """A mixed batch is put in position order before mixing: deterministic=False pairs the same
+    examples with the same seed, so its batches equal deterministic ones pixel for pixel."""
+    from pipelines import augment
+
+    mix = dict(num_epochs=2, mix=augment.BatchMix(mixup_alpha=0.4, cutmix_alpha=1.0),
+               num_classes=NUM_FILES)
+    ordered = _train(split, **mix)
+    for _ in range(3):  # the parallel order varies from run to run
+        loose = _train(split, deterministic=False, **mix)
+        for (x, y), (x_ordered, y_ordered) in zip(loose, ordered, strict=True):
+            np.testing.assert_array_equal(x, x_ordered)
+            np.testing.assert_array_equal(y, y_ordered)
+
+
 def test_two_input_pipelines_partition_each_epoch(split):
     full = _train(split, num_epochs=2)
     full_by_label = {}
