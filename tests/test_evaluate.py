@@ -1,9 +1,11 @@
 """`python -m keras_resnet.evaluate` and `export --format=torchvision|safetensors` on a demo run."""
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 import zipfile
 
 import numpy as np
@@ -201,16 +203,31 @@ def test_a_model_that_fails_on_every_image_says_so():
     """Batches that the model refuses are retried image by image (one bad file must not cost its
     batch); when every image fails, the error names the model's failure, not the data."""
     def batches():
+        class Batch:  # what the datasets yield: .numpy() gives a new array
+            def __init__(self, array):
+                self.array = array
+
+            def numpy(self):
+                return self.array.copy()
+
         for _ in range(2):
-            yield tf.zeros([3, 8, 8, 3]), tf.constant([0, 1, 2])
+            yield Batch(np.zeros([3, 8, 8, 3], np.float32)), Batch(np.arange(3))
+
+    seen, first_batch_alive = [], []
 
     def refuses(inputs):
+        seen.append(weakref.ref(inputs.base if inputs.base is not None else inputs))
+        if len(seen) > 4:  # in the second batch (the batch, then its 3 images one by one)
+            gc.collect()
+            first_batch_alive.append(seen[0]() is not None)
         raise tf.errors.InvalidArgumentError(None, None, "Expected image (JPEG, PNG, ...)\n"
                                                          "\t [[{{node DecodeImage}}]]")
 
     with pytest.raises(ValueError, match=r"failed on every image it was given \(6; the first "
                                          r"error: Expected image \(JPEG, PNG, \.\.\.\)\)"):
         evaluate.evaluate(refuses, batches(), progress=False)
+    # A refused batch is not kept (by its errors' tracebacks) while the next ones are evaluated.
+    assert first_batch_alive == [False] * 4
     probs = np.eye(3, dtype=np.float32)
     assert evaluate.evaluate(lambda inputs: probs[:len(inputs)], batches(),
                              progress=False)["images"] == 6

@@ -162,17 +162,20 @@ def saved_model_predictor(path):
             resize_size, class_ids)
 
 
-def _predict_each(predict, inputs, labels, errors):
+def _predict_each(predict, inputs, labels, failures):
     """(probabilities, labels) of the inputs that `predict` takes one at a time, for a batch it
-    refused (a SavedModel refuses a whole batch for one file that does not decode); the errors
-    of those it refuses are appended to `errors`."""
+    refused (a SavedModel refuses a whole batch for one file that does not decode). `failures`
+    counts those it refuses and keeps the first one's message (not the exception, whose
+    traceback would keep its batch in memory)."""
     rows, kept = [], []
     for i in range(len(inputs)):
         try:
             rows.append(predict(inputs[i:i + 1])[0])
             kept.append(i)
         except tf.errors.OpError as e:
-            errors.append(e)
+            failures["count"] += 1
+            if failures["first"] is None:
+                failures["first"] = (e.message.strip().splitlines() or [type(e).__name__])[0]
     return (np.stack(rows) if rows else None), labels[kept]
 
 
@@ -187,7 +190,7 @@ def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=
     from tqdm import tqdm
 
     correct = dict.fromkeys(TOP_K, 0)
-    images, errors = 0, []
+    images, failures = 0, {"count": 0, "first": None}
     for inputs, labels in tqdm(batches, total=num_batches, disable=not progress, unit="batch",
                                desc="evaluating", mininterval=1.0):
         inputs, labels = inputs.numpy(), labels.numpy()
@@ -198,7 +201,7 @@ def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=
             try:
                 probs = predict(inputs)
             except tf.errors.OpError:  # e.g. a SavedModel refusing a batch with a bad file
-                probs, labels = _predict_each(predict, inputs, labels, errors)
+                probs, labels = _predict_each(predict, inputs, labels, failures)
                 if probs is None:
                     continue
         # Rank of the true class: how many classes score strictly higher (ties favour it, as
@@ -208,11 +211,10 @@ def evaluate(predict, batches, *, num_batches=None, crops_per_image=1, progress=
         for k in TOP_K:
             correct[k] += int((rank < k).sum())
         images += len(labels)
-    if not images and errors:
-        first = (errors[0].message.strip().splitlines() or [type(errors[0]).__name__])[0]
-        raise ValueError(f"the model failed on every image it was given ({len(errors):,}; the "
-                         f"first error: {first}): check that the model takes this dataset's "
-                         "images.")
+    if not images and failures["count"]:
+        raise ValueError(f"the model failed on every image it was given ({failures['count']:,}; "
+                         f"the first error: {failures['first']}): check that the model takes "
+                         "this dataset's images.")
     if not images:
         raise ValueError("no image could be evaluated (empty or unreadable validation split).")
     return {"top1": correct[1] / images, "top5": correct[5] / images, "images": images}
