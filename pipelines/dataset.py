@@ -411,19 +411,32 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
                                      own.element_spec)
         decoded_slots = own.batch(tf.cast(n, tf.int64)).concatenate(tf.data.Dataset.from_tensors(none)).take(1)
 
-        def stand_in(slot):  # the slot's shifted files, in turn, until one decodes
-            return (tf.data.Dataset.range(1, 1 + SUBSTITUTES)
-                    .map(lambda shift: decoded(slot, shift)[1])
-                    .ignore_errors(log_warning=True).take(1))
+        blank = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
+                                      own.element_spec[1])
+
+        def stand_in(slot):
+            # The slot's shifted files, in turn, until one decodes; a blank (dropped below) when
+            # none does, so each failed slot has one element and the next one's stays its own.
+            found = (tf.data.Dataset.range(1, 1 + SUBSTITUTES)
+                     .map(lambda shift: (True, decoded(slot, shift)[1]))
+                     .ignore_errors(log_warning=True))
+            return found.concatenate(tf.data.Dataset.from_tensors((False, blank))).take(1)
 
         def complete(got, examples):
             failed = tf.logical_not(tf.reduce_any(slots[:, None] == got[None, :], axis=1))
-            stand_ins = tf.data.Dataset.from_tensor_slices(
-                tf.boolean_mask(slots, failed)).flat_map(stand_in)
-            return tf.data.Dataset.choose_from_datasets(
-                [tf.data.Dataset.from_tensor_slices(examples), stand_ins],
-                tf.data.Dataset.from_tensor_slices(tf.cast(failed, tf.int64)),
-                stop_on_empty_dataset=False)
+
+            def mended():  # each failed slot's stand-in at the slot's index
+                stand_ins = tf.data.Dataset.from_tensor_slices(
+                    tf.boolean_mask(slots, failed)).flat_map(stand_in)
+                decoded_ones = tf.data.Dataset.from_tensor_slices(examples).map(
+                    lambda *example: (True, example))
+                return tf.data.Dataset.choose_from_datasets(
+                    [decoded_ones, stand_ins],
+                    tf.data.Dataset.from_tensor_slices(tf.cast(failed, tf.int64))).filter(
+                    lambda found, example: found).map(lambda found, example: example)
+
+            return tf.cond(tf.reduce_any(failed), mended,
+                           lambda: tf.data.Dataset.from_tensor_slices(examples))
 
         return decoded_slots.flat_map(complete)
 

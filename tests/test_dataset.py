@@ -211,6 +211,30 @@ def test_a_file_that_fails_is_stood_in_for_by_the_next_that_decodes_at_its_posit
         assert not set(_labels(broken)) & set(at)
 
 
+def test_a_slot_without_a_stand_in_is_dropped_and_the_others_keep_their_places(
+        split, tmp_path, monkeypatch):
+    """When every substitute of a slot fails too, that slot alone is dropped (the stream is
+    topped up from the spare epoch): a later slot's stand-in in the same batch stays at its own
+    index, and nothing is read twice or lost."""
+    monkeypatch.setattr(dataset, "SUBSTITUTES", 2)
+    n = len(split.files)
+    order = _labels(_train(split, num_epochs=3))  # two epochs and the spare one
+    first = int(order[0])
+    bad = {first, (first + 1) % n, (first + 2) % n}  # the first slot has no good substitute
+    later = next(int(f) for f in order[1:4] if f not in bad and (f + 1) % n not in bad)
+    bad.add(later)
+    (tmp_path / "bad.JPEG").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    files = [str(tmp_path / "bad.JPEG") if i in bad else f for i, f in enumerate(split.files)]
+    broken = _train(FakeSplit(np.array(files), split.labels, None, n), num_epochs=2)
+
+    def stand_in(f):
+        return next((g for g in ((f + s) % n for s in (1, 2)) if g not in bad), None)
+
+    expected = [f if f not in bad else stand_in(f) for f in order.tolist()]
+    expected = [f for f in expected if f is not None][:40]
+    assert _labels(broken).tolist() == expected
+
+
 def test_a_transient_read_error_gets_a_stand_in_and_no_file_is_read_twice(split, monkeypatch):
     """A read that fails once (a network file system's hiccup) is stood in for at its position
     like a bad file: the batches do not shift. Each position's file is read once."""
