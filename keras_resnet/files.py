@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import uuid
 import warnings
 
@@ -158,8 +159,9 @@ def exclusive(directory):
     """Holds an advisory lock on `directory/.lock` (created, with the holder's pid) for the block,
     so two processes never write one directory at once; raises `Busy`, naming the holder, when
     another process has it. The kernel releases the lock when the holder exits, however it ends
-    (`kill -9` included), so a stale lock file needs no cleanup. A file system without locks (some
-    network mounts) runs the block unlocked, with a warning."""
+    (`kill -9` included), so a stale lock file needs no cleanup. A file system without locks runs
+    the block unlocked, with a warning. On NFS the lock is as good as the mount's: with `nolock`
+    or `local_lock=flock` it holds only against processes on the same host."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -168,13 +170,13 @@ def exclusive(directory):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            raise Busy(f"{directory} is in use by another process (pid {holder})") from None
+            raise Busy(f"{directory} is in use by another process ({holder})") from None
         except OSError as e:
             warnings.warn(f"cannot lock {path} ({e.strerror}); nothing stops a second process "
                           "from writing this directory at the same time", stacklevel=3)
         else:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -286,7 +287,8 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         config = tiny_config(tmp_path, data_dir=str(tmp_path / "missing"))
-        with pytest.raises(UserError, match=rf"in use by another process \(pid {holder.pid}\).*"
+        with pytest.raises(UserError, match=rf"in use by another process \(pid {holder.pid} on "
+                                            rf"{socket.gethostname()}\).*"
                                             r"another --model_dir"):
             train_and_evaluate(config)
     finally:
