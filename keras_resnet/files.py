@@ -161,7 +161,7 @@ def exclusive(directory):
     another process has it. The kernel releases the lock when the holder exits, however it ends
     (`kill -9` included), so a stale lock file needs no cleanup. A file system without locks runs
     the block unlocked, with a warning. On NFS the lock is as good as the mount's: with `nolock`
-    or `local_lock=flock` it holds only against processes on the same host."""
+    or `local_lock=flock|all` it holds only against processes on the same host."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -169,7 +169,7 @@ def exclusive(directory):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            holder = os.pread(fd, 512, 0).decode("ascii", "replace").strip() or "unknown"
             raise Busy(f"{directory} is in use by another process ({holder})") from None
         except OSError as e:
             warnings.warn(f"cannot lock {path} ({e.strerror}); nothing stops a second process "

@@ -294,9 +294,8 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     input_context: each input pipeline keeps positions p % num_input_pipelines == its id and
     batches the per-replica batch size, so each image is decoded by one worker only.
     deterministic=False lets parallel maps emit out of order (faster): a file split's batches
-    still hold the same examples (with the same pixels), in another order within each batch (a
-    mixed batch is put in position order before mixing, so it is the same as with
-    `deterministic`); a records split's batches may also swap examples.
+    are still the same, pixel for pixel (they are decoded in order: measured no slower); a
+    records split's batches may swap examples and their order.
     cache: None, "memory" or a file path. For file splits, the encoded files are read once into
     memory (crops stay random each epoch); limited to CACHE_MAX_BYTES.
     data_service: "grpc://host:port" of a tf.data service dispatcher, or None. Decoding moves to
@@ -360,14 +359,12 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         return image
 
     def mix_batch(images, labels, epochs, positions):
-        # In (epoch, position) order first: which examples are paired, and the batch's seed
-        # (its first example's), then do not depend on the order in which the batch was
-        # assembled (deterministic=False reorders it; a batch may span two epochs after a
-        # dropped record). With `deterministic` the batch is in that order already.
-        order = tf.argsort(tf.cast(epochs, tf.int64) * examples_per_epoch
-                           + tf.cast(positions, tf.int64), stable=True)
-        images, labels = tf.gather(images, order), tf.gather(labels, order)
-        batch_seed = _example_seed(seed, epochs[order[0]], positions[order[0]], _MIX_SALT)
+        # The seed is the batch's first example's in (epoch, position) order, whatever the
+        # order within the batch (a records split's unordered decoding, the data service), and
+        # a batch may span two epochs after a dropped record.
+        first = tf.argmin(tf.cast(epochs, tf.int64) * examples_per_epoch
+                          + tf.cast(positions, tf.int64))
+        batch_seed = _example_seed(seed, epochs[first], positions[first], _MIX_SALT)
         return augment_lib.mix_batch(images, labels, batch_seed, mix, num_classes)
 
     has_files, image_bytes = _has_files(split), None
@@ -402,9 +399,11 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
             idx = (tf.gather(idxs, slot) + tf.cast(shift, idxs.dtype)) % split.num_examples
             return slot, load(tf.gather(epochs, slot), tf.gather(positions, slot), idx)
 
+        # In slot order whatever `deterministic` says (measured: no slower), so a batch short of
+        # a dropped slot is topped up from the next one's first slots, and mixing pairs the same.
         own = (tf.data.Dataset.from_tensor_slices(slots)
                .map(lambda slot: decoded(slot, 0), num_parallel_calls=AUTOTUNE,
-                    deterministic=deterministic)
+                    deterministic=True)
                .ignore_errors(log_warning=True))
         # The batch's decoded slots as one element (an empty one when every slot failed).
         none = tf.nest.map_structure(lambda spec: tf.zeros([0, *spec.shape], spec.dtype),
