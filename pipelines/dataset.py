@@ -408,7 +408,8 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         # The batch's decoded slots as one element (an empty one when every slot failed).
         none = tf.nest.map_structure(lambda spec: tf.zeros([0, *spec.shape], spec.dtype),
                                      own.element_spec)
-        decoded_slots = own.batch(tf.cast(n, tf.int64)).concatenate(tf.data.Dataset.from_tensors(none)).take(1)
+        decoded_slots = own.batch(tf.cast(n, tf.int64)).concatenate(
+            tf.data.Dataset.from_tensors(none)).take(1)
 
         blank = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
                                       own.element_spec[1])

@@ -395,7 +395,8 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
         # A flat val/ needs the CSV; next to class folders, loose files are strays (or half-run
         # valprep, which the CSV still labels).
         if loose and split == "val" and (has_solution or not subdirs):
-            pairs += _label_flat_val(split_dir, loose, meta_dir, class_index, skipped)
+            pairs += _label_flat_val(split_dir, loose, meta_dir, class_index, skipped,
+                                     has_folders=bool(subdirs))
         elif loose:
             skipped += [(os.path.join(split_dir, n), "file outside class folders") for n in loose]
         pairs.sort()
@@ -421,8 +422,9 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
             "skipped": sorted(skipped), "nested": nested}
 
 
-def _label_flat_val(val_dir, names, meta_dir, class_index, skipped):
-    """Labels the flat Kaggle val/ folder from LOC_val_solution.csv (by file name stem)."""
+def _label_flat_val(val_dir, names, meta_dir, class_index, skipped, has_folders):
+    """Labels the flat Kaggle val/ folder from LOC_val_solution.csv (by file name stem);
+    `has_folders`: val/ also holds (class) folders."""
     solution = os.path.join(meta_dir, VAL_SOLUTION) if meta_dir else None
     if not solution or not os.path.isfile(solution):
         raise DataError(f"{val_dir} holds images directly but {VAL_SOLUTION} is missing (looked in "
@@ -452,7 +454,7 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped):
         raise DataError(f"none of the {len(names):,} files in {val_dir} has a row in {solution} "
                         f"(files like {sorted(names)[0]!r}, ImageIds like {min(labels)!r}): "
                         f"use that dataset's {VAL_SOLUTION}, or sort val/ into class folders")
-    if not _list_dirs(val_dir):
+    if not has_folders:
         # Rows without a file mean an incomplete extraction (unless valprep moved them); a link
         # to nothing is already reported as such (whatever its extension).
         reported = {os.path.splitext(os.path.basename(path))[0] for path, _ in skipped
