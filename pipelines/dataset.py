@@ -293,9 +293,11 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     (no file is read); skip_steps >= steps_per_epoch rolls over into later epochs.
     input_context: each input pipeline keeps positions p % num_input_pipelines == its id and
     batches the per-replica batch size, so each image is decoded by one worker only.
-    deterministic=False lets parallel maps emit out of order (faster): a file split's batches
-    are still the same, pixel for pixel (they are decoded in order: measured no slower); a
-    records split's batches may swap examples and their order.
+    deterministic=False allows nondeterministic ops and tf.data's unordered defaults; the
+    batches are still those of deterministic=True, pixel for pixel, for file and records splits
+    alike: every stage that decides which example goes into which batch runs in order (measured
+    no slower), so a resume, which skips batches by count, trains exactly the examples not yet
+    trained.
     cache: None, "memory" or a file path. For file splits, the encoded files are read once into
     memory (crops stay random each epoch); limited to CACHE_MAX_BYTES.
     data_service: "grpc://host:port" of a tf.data service dispatcher, or None. Decoding moves to
@@ -360,7 +362,7 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
 
     def mix_batch(images, labels, epochs, positions):
         # The seed is the batch's first example's in (epoch, position) order, whatever the
-        # order within the batch (a records split's unordered decoding, the data service), and
+        # order within the batch (the data service's), and
         # a batch may span two epochs after a dropped record.
         first = tf.argmin(tf.cast(epochs, tf.int64) * examples_per_epoch
                           + tf.cast(positions, tf.int64))
@@ -449,20 +451,22 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
                                  epochs, skip_positions, pipeline_id, num_pipelines, repeated_aug)
             # Positions per pipeline come in batch-sized groups, aligned with the batches.
             # The groups stay in order whatever `deterministic` says (two are read at once),
-            # so each batch holds its own positions; only the order within a batch may vary.
+            # so each batch holds its own positions, in slot order (load_batch).
             ds = ds.batch(batch_size).interleave(
                 load_batch, cycle_length=2, block_length=batch_size, num_parallel_calls=2,
                 deterministic=True)
         elif shards is not None:   # read sequentially; --cache would hold the whole run's stream
             ds = _shard_positions(shards, examples_per_epoch, seed, first_epoch, epochs,
                                   skip_positions, pipeline_id, num_pipelines)
-            ds = ds.map(load_record, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+            # In order whatever `deterministic` says (measured no slower): unordered, an example
+            # could move to the next batch, and a resume would train it twice or not at all.
+            ds = ds.map(load_record, num_parallel_calls=AUTOTUNE, deterministic=True)
         else:
             ds = _record_positions(split.records, examples_per_epoch, seed, first_epoch, epochs,
                                    skip_positions, pipeline_id, num_pipelines)
             if cache:
                 ds = ds.cache("" if cache == "memory" else cache)
-            ds = ds.map(load_record, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+            ds = ds.map(load_record, num_parallel_calls=AUTOTUNE, deterministic=True)  # as above
         # A record that fails to decode (and, for files, SUBSTITUTES more after it) must not stop
         # training: it is dropped and the count topped up below.
         ds = ds.ignore_errors(log_warning=True)

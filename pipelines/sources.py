@@ -662,8 +662,9 @@ def _load_tfds(name: str, data_dir: str) -> Source:
         def records():
             ds = builder.as_dataset(split=split, shuffle_files=False,
                                     decoders={image_key: tfds.decode.SkipDecoding()})
+            # In order whatever the pipeline's options say: positions are counted on it.
             return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
         return Split(files=None, labels=None, records=records,
                      num_examples=int(info.splits[split].num_examples))
@@ -733,7 +734,7 @@ def _load_shards(data_dir: str) -> Source:
 
         def records():
             return tf.data.TFRecordDataset(list(paths)).map(
-                parse, num_parallel_calls=tf.data.AUTOTUNE)
+                parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
         return Split(files=None, labels=None, records=records, num_examples=sum(lengths),
                      shards=shards)

@@ -204,9 +204,9 @@ def test_input_pipelines_read_their_own_shards_or_split_records(out, small_windo
 
 
 def _batches(split, **kwargs):
-    ds = ds_lib.build_train_dataset(split, global_batch_size=4, image_size=32, seed=3,
-                                    num_epochs=2, deterministic=True, **kwargs)
-    return [(x.numpy(), y.numpy()) for x, y in ds]
+    kwargs = {"global_batch_size": 4, "image_size": 32, "seed": 3, "num_epochs": 2,
+              "deterministic": True, **kwargs}
+    return [(x.numpy(), y.numpy()) for x, y in ds_lib.build_train_dataset(split, **kwargs)]
 
 
 def test_training_batches_resume_exactly(out, small_windows):
@@ -219,6 +219,24 @@ def test_training_batches_resume_exactly(out, small_windows):
         for (xa, ya), (xb, yb) in zip(tail, full[skip:], strict=True):
             np.testing.assert_array_equal(xa, xb)
             np.testing.assert_array_equal(ya, yb)
+
+
+def test_unordered_decoding_gives_the_ordered_batches_and_resumes_exactly(out, small_windows):
+    """deterministic=False (the default) decodes records in parallel, still in order: no record
+    moves to another batch, so mixed batches equal deterministic ones pixel for pixel and a
+    resume (which skips batches by count) trains exactly the rest of the epoch."""
+    from pipelines import augment
+
+    source = sources.load_source("shards", out)
+    mix = {"mix": augment.BatchMix(mixup_alpha=0.4, cutmix_alpha=1.0),
+           "num_classes": len(source.class_ids), "global_batch_size": 2}
+    ordered = _batches(source.train, **mix)
+    for skip in (0, 0, 0, 5):   # the parallel order varies from run to run
+        loose = _batches(source.train, deterministic=False, skip_steps=skip, **mix)
+        assert len(loose) == len(ordered) - skip
+        for (x, y), (x_ordered, y_ordered) in zip(loose, ordered[skip:], strict=True):
+            np.testing.assert_array_equal(x, x_ordered)
+            np.testing.assert_array_equal(y, y_ordered)
 
 
 def test_shards_hold_the_pixels_and_labels_of_the_files(tree, out):
