@@ -11,11 +11,13 @@ LiteRT (float32 or int8) or OpenVINO.
 
 --format=torchvision writes a torch.save file that `torch.load(PATH, weights_only=True)` reads and
 `torchvision.models.resnetN(num_classes=K).load_state_dict` accepts (strict); safetensors holds the
-same tensors (torchvision / timm names). Both are weights only (keras_resnet.model.weights).
+same tensors (torchvision / timm names). Both are weights only (keras_resnet.model.weights): a
+client normalises as torchvision does and gets logits.
 
-Every file format takes float32 [N, S, S, 3] RGB 0..255 after the evaluation resize and center
-crop, normalises inside and returns probabilities; its class ids, names and sizes are written
-beside it as `<FILE>.json` and inside it (see keras_resnet/serving/formats.py). The library is
+Every runtime format (ONNX, LiteRT, OpenVINO) takes float32 [N, S, S, 3] RGB 0..255 after the
+evaluation resize and center crop, normalises inside and returns probabilities. Every file format
+has its class ids, names, sizes and preprocessing written beside it as `<FILE>.json`, and the
+runtime formats inside it too (see keras_resnet/serving/formats.py). The library is
 `keras_resnet.serving`; this module parses flags and calls the format's writer from
 `formats.FORMATS`.
 """

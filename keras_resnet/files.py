@@ -70,10 +70,39 @@ def write_bytes_atomic(path, data):
     return path
 
 
+def write_with_companion(path, data, companion, companion_data):
+    """Writes `path` (bytes `data`) and `companion` (bytes `companion_data`, a file that
+    describes it, such as its class names) so that at every moment, after a kill too, the two are
+    the old pair, the new pair, or a file without its companion: never a file beside another
+    one's companion. The old companion is moved aside first, then the new file and the new
+    companion are renamed into place; an error puts the old ones back. Temporaries of writers
+    that were killed are removed from the folder first. Returns `path`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temps(parent)
+    new, new_companion, old_companion = temp_name(path), temp_name(companion), temp_name(companion)
+    try:
+        for tmp, content in ((new, data), (new_companion, companion_data)):
+            with open(tmp, "wb") as f:
+                f.write(content)
+            _fsync_file(tmp)
+        aside = [(companion, old_companion)] if os.path.lexists(companion) else []
+        rename_all([*aside, (new, path), (new_companion, companion)])
+    finally:
+        for tmp in (new, new_companion, old_companion):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+    return path
+
+
+def json_bytes(data):
+    """`data` as JSON (indented, sorted keys), UTF-8."""
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
 def write_json_atomic(path, data):
-    """JSON (indented, sorted keys, UTF-8) written atomically."""
-    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    """JSON (`json_bytes`) written atomically."""
+    return write_bytes_atomic(path, json_bytes(data))
 
 
 def read_json(path, default=None):

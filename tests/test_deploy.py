@@ -207,6 +207,14 @@ def test_bad_input_gets_one_line_errors(sharp, tmp_path, capsys, monkeypatch):
     assert not os.path.exists(tmp_path / "q.tflite")
     status, err = error([f"--model={tmp_path}/x.onnx", str(tmp_path)], predict_cmd)
     assert status == 1 and "x.onnx not found" in err
+    # A class list of another length than the model's outputs, for every format.
+    seven = tmp_path / "seven.json"
+    seven.write_text(json.dumps({"class_ids": [str(i) for i in range(7)]}))
+    for fmt, name in (*FLOAT_FORMATS.items(), ("saved_model", "sm")):
+        status, err = error([f"--model={model_path}", f"--format={fmt}",
+                             f"--output={tmp_path}/seven/{name}", f"--classes={seven}"])
+        assert status == 1 and f"has {CLASSES} classes but 7 class ids" in err, fmt
+    assert not os.path.exists(tmp_path / "seven")
 
     # A runtime or converter that is not installed: say which extra to install.
     output = str(tmp_path / "m.onnx")
@@ -255,6 +263,49 @@ def test_a_failed_export_leaves_the_previous_file_and_no_temporaries(sharp, tmp_
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, fmt
         for p in tmp_path.iterdir():
             p.unlink()
+
+
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("litert", ".tflite")])
+def test_a_file_never_sits_beside_another_exports_class_names(sharp, tmp_path, fmt, suffix,
+                                                              monkeypatch):
+    """Re-exporting with other class names: after every rename (where a kill may stop the export)
+    the file and its sidecar are the old pair, the new pair, or the file alone. A killed export's
+    temporaries are removed by the next one."""
+    from keras_resnet.serving import export
+
+    _, model_path = sharp
+    output = str(tmp_path / "out" / f"m{suffix}")
+    old_classes = tmp_path / "old.json"
+    export.write_classes_json(str(old_classes), [f"old{i}" for i in range(CLASSES)])
+    assert _export(model_path, fmt, output, f"--classes={old_classes}") == 0
+    stale = tmp_path / "out" / ".tmp-999999999-0123abcd-m.onnx"   # no such process
+    stale.write_bytes(b"half a file")
+
+    def ids_in_file():
+        if fmt == "onnx":
+            import onnx
+
+            meta = {p.key: p.value for p in onnx.load(output).metadata_props}
+            return json.loads(meta["class_ids"])
+        from keras_resnet.serving import litert
+
+        return litert.read_metadata(output)["class_ids"]
+
+    states = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        side = deploy.read_sidecar(output)
+        states.append((ids_in_file()[0] if os.path.exists(output) else None,
+                       side["class_ids"][0] if side else None))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", replace)
+        assert _export(model_path, fmt, output) == 0   # classes.json beside the model: n...
+    assert states[-1] == ("n00000000", "n00000000")
+    assert all(side is None or side == in_file for in_file, side in states), states
+    assert sorted(os.listdir(tmp_path / "out")) == [f"m{suffix}", f"m{suffix}.json"]
 
 
 # --- the class names inside a LiteRT file --------------------------------------------------------

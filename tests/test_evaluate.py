@@ -116,7 +116,20 @@ def test_export_weight_files(demo_run, tmp_path, fmt, name):
     out = tmp_path / name
     status = export_cmd.run([f"--model_dir={demo_run / 'run'}", f"--format={fmt}",
                              f"--output={out}"])
-    assert status == 0 and os.listdir(tmp_path) == [name]
+    assert status == 0 and sorted(os.listdir(tmp_path)) == [name, name + ".json"]
+    # The class names travel beside the file (and in a safetensors file's metadata), with what a
+    # torchvision client feeds.
+    classes = json.loads((demo_run / "run" / "classes.json").read_text())
+    side = json.loads((tmp_path / (name + ".json")).read_text())
+    assert side["class_names"] == classes["class_names"] and side["format"] == fmt
+    assert "mean (0.485, 0.456, 0.406)" in side["preprocessing"] and "input" not in side
+    if fmt == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(out), "np") as f:
+            meta = f.metadata()
+        assert meta["format"] == "pt"
+        assert json.loads(meta["class_ids"]) == classes["class_ids"]
     model = keras.saving.load_model(demo_run / "run" / "best.keras", compile=False)
     state, _ = weights.read_state_dict(str(out))
     expected = weights.export_state_dict(model)

@@ -126,8 +126,9 @@ def test_umask_is_read_without_setting_it(monkeypatch):
 @pytest.mark.parametrize("fmt, suffix", [("torchvision", ".pth"), ("safetensors", ".safetensors")])
 def test_written_weights_read_back_identical(tmp_path, fmt, suffix):
     model = build_resnet(18, num_classes=NUM_CLASSES, input_shape=(SIZE, SIZE, 3))
+    (tmp_path / f".tmp-999999999-0123abcd-out{suffix}").write_bytes(b"a killed export's")
     path = weights.write_weights(model, str(tmp_path / f"out{suffix}"), fmt)
-    assert os.listdir(tmp_path) == [f"out{suffix}"]  # no temporary left behind
+    assert os.listdir(tmp_path) == [f"out{suffix}"]  # no temporary left behind, stale ones gone
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user writes

@@ -18,6 +18,7 @@ tutorial's `identity_downsample` is renamed `downsample`, and its conv biases ne
 the same shapes, so the variant is v1.5 unless the caller says otherwise (or our file records it).
 """
 
+import json
 import os
 import re
 import tarfile
@@ -295,9 +296,11 @@ def _bn_after(conv):
     return (head + "." if head else "") + name.replace("conv", "bn")
 
 
-def write_weights(model, path, fmt):
+def write_weights(model, path, fmt, sidecar=None):
     """Writes `model`'s weights as `fmt` ("torchvision": a torch.save file; "safetensors"),
-    atomically. Returns `path`."""
+    atomically. `sidecar`: None, or (its path, a dict with class_ids, class_names, sizes and
+    preprocessing) written as a pair with the weights (`files.write_with_companion`); a
+    safetensors file also holds the class ids and names in its metadata. Returns `path`."""
     if fmt not in FORMATS:
         raise WeightsError(f"unknown weights format {fmt!r}; valid: {', '.join(FORMATS)}.")
     if _model_variant(model) == "v1":
@@ -309,9 +312,17 @@ def write_weights(model, path, fmt):
             "give wrong outputs. Export it with --format=onnx, litert or saved_model instead.")
     state = export_state_dict(model)
     if fmt == "torchvision":
-        return files.write_bytes_atomic(path, torch_format.torch_file_bytes(state))
-    from safetensors.numpy import save_file
+        data = torch_format.torch_file_bytes(state)
+    else:
+        from safetensors.numpy import save
 
-    with files.atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={"format": "pt"})
-    return path
+        # safetensors metadata holds strings only; loaders read the tensors and ignore the rest.
+        meta = {"format": "pt", **{k: json.dumps(sidecar[1][k], ensure_ascii=False)
+                                   for k in ("class_ids", "class_names") if sidecar}}
+        data = save(state, metadata=meta)
+    if sidecar is not None:
+        return files.write_with_companion(path, data, sidecar[0], files.json_bytes(sidecar[1]))
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    files.remove_stale_temps(parent)   # a killed export's
+    return files.write_bytes_atomic(path, data)

@@ -25,6 +25,12 @@ SIDECAR_SUFFIX = ".json"
 CONTRACT = ("float32 [N, S, S, 3] RGB 0..255 at S=image_size after resizing the shorter side to "
             "S*256/224 and a center crop; mean/std normalisation inside; output probabilities "
             "float32 [N, C]")
+# What a client of the weight files (torchvision, safetensors) feeds torchvision's ResNet.
+TORCHVISION_CONTRACT = (
+    "torchvision.models.resnetN(num_classes=C) loading these weights: float32 [N, 3, S, S] RGB "
+    "scaled to 0..1 and normalised with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), "
+    "at S=image_size after resizing the shorter side to resize_size and a center crop; output "
+    "logits [N, C] (softmax for probabilities)")
 
 
 class MissingExtra(ImportError):
@@ -92,15 +98,17 @@ def serving_function(model, image_size):
 METADATA_NAME = "keras_resnet"
 
 
-def metadata(*, fmt, image_size, class_ids, class_names, resize_size=0):
+def metadata(*, fmt, image_size, class_ids, class_names, resize_size=0, contract=None):
     """What travels with every file: its sidecar, an ONNX file's metadata_props, a LiteRT file's
     metadata table and an OpenVINO IR's rt_info hold these keys. `resize_size`: the shorter side
-    before the center crop (0: the evaluation's rule, image_size x 256/224)."""
+    before the center crop (0: the evaluation's rule, image_size x 256/224). `contract`: a weight
+    file's (TORCHVISION_CONTRACT: no named input or output); default CONTRACT."""
     from pipelines.preprocessing import eval_resize_size  # TensorFlow: writers only, not runners
 
-    return {"format": fmt, "image_size": image_size, "input": INPUT_NAME, "output": OUTPUT_NAME,
+    names = {} if contract else {"input": INPUT_NAME, "output": OUTPUT_NAME}
+    return {"format": fmt, "image_size": image_size, **names,
             "resize_size": resize_size or eval_resize_size(image_size),
-            "preprocessing": CONTRACT, "class_ids": list(class_ids),
+            "preprocessing": contract or CONTRACT, "class_ids": list(class_ids),
             "class_names": list(class_names)}
 
 
@@ -110,11 +118,16 @@ def sidecar_path(path):
 
 
 def write_sidecar(path, meta):
-    """Writes `meta` (from `metadata`) to the sidecar of export `path`, atomically. The ONNX and
-    LiteRT writers write it just before their file, so a new export's sidecar may sit beside the
-    old file for a moment (their runners read the names in the file first); openvino.py replaces
-    it together with the model."""
+    """Writes `meta` (from `metadata`) to the sidecar of export `path`, atomically (openvino.py
+    then moves it into place together with the model)."""
     return files.write_json_atomic(sidecar_path(path), meta)
+
+
+def write_with_sidecar(path, data, meta):
+    """Writes export `path` (bytes `data`) and its sidecar (`meta`, from `metadata`) as a pair:
+    a kill leaves the old pair, the new pair or the file alone (which carries `meta` inside),
+    never a file beside another export's class names (`files.write_with_companion`)."""
+    return files.write_with_companion(path, data, sidecar_path(path), files.json_bytes(meta))
 
 
 def read_sidecar(path):

@@ -61,12 +61,17 @@ def read_classes_json(path):
                          '{"class_ids": [...], "class_names": [...]}.') from None
 
 
-def _check_classes(class_ids, class_names):
+def _check_classes(class_ids, class_names, num_classes=None):
+    """(class_ids, class_names) as strings; refused unless one name per id and, when
+    `num_classes` (the model's output size) is given, one id per output."""
     class_ids = [str(c) for c in class_ids]
     class_names = class_ids if class_names is None else [str(n) for n in class_names]
     if not class_ids or len(class_names) != len(class_ids):
         raise ValueError(f"Need one name per class id. Received: {len(class_ids)} class_ids, "
                          f"{len(class_names)} class_names.")
+    if num_classes is not None and num_classes != len(class_ids):
+        raise ValueError(f"The model has {num_classes} classes but {len(class_ids)} class ids "
+                         "were given; pass the class list the model was trained with.")
     return class_ids, class_names
 
 
@@ -230,11 +235,8 @@ def export_saved_model(model, export_dir, *, image_size, class_ids, class_names=
         train smaller and evaluate at e.g. resize 232, crop 224).
       class_ids: class i's wnid / folder name; class_names: human-readable names (or None).
     """
-    class_ids, class_names = _check_classes(class_ids, class_names)
-    num_classes = model.outputs[0].shape[-1]
-    if num_classes != len(class_ids):
-        raise ValueError(f"The model has {num_classes} classes but {len(class_ids)} class ids "
-                         "were given; pass the class list the model was trained with.")
+    class_ids, class_names = _check_classes(class_ids, class_names,
+                                            num_classes=model.outputs[0].shape[-1])
     _check_model(model, image_size)
     os.makedirs(export_dir, exist_ok=True)
     files.remove_stale_temps(export_dir)
@@ -285,10 +287,11 @@ def eval_sizes(model_path, model, image_size=None, resize_size=None):
 
 def load_classes_for(model_path, num_classes, classes_path=None):
     """(class_ids, class_names): from `classes_path`, else classes.json beside the model file,
-    else the class indices as strings."""
+    else the class indices as strings. A list of another length than the model's `num_classes`
+    outputs is refused (every format would carry names that do not match its outputs)."""
     classes_path = classes_path or os.path.join(os.path.dirname(model_path), CLASSES_JSON)
     if os.path.isfile(classes_path):
-        return read_classes_json(classes_path)
+        return _check_classes(*read_classes_json(classes_path), num_classes=num_classes)
     print(f"warning: no {classes_path}; labelling classes 0..{num_classes - 1}.", file=sys.stderr)
     ids = [str(i) for i in range(num_classes)]
     return ids, ids

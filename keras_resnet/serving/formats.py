@@ -14,7 +14,7 @@ import dataclasses
 import os
 from typing import Callable
 
-from keras_resnet.serving.deploy import sidecar_path
+from keras_resnet.serving.deploy import TORCHVISION_CONTRACT, metadata, sidecar_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +63,16 @@ def _openvino(*args, **kwargs):
 
 
 def _weights_file(fmt):
-    """A writer of PyTorch-named weights (keras_resnet.model.weights): weights only, no
-    preprocessing or class names in the file."""
-    def writer(model, output, **_):  # sizes, classes and calibration do not go in the file
+    """A writer of PyTorch-named weights (keras_resnet.model.weights) with `<FILE>.json` beside:
+    the class ids and names, the sizes and what a torchvision client feeds
+    (`TORCHVISION_CONTRACT`)."""
+    def writer(model, output, *, image_size, class_ids, class_names, resize_size=0, **_):
         from keras_resnet.model import weights
 
-        return weights.write_weights(model, output, fmt)
+        meta = metadata(fmt=fmt, image_size=image_size, class_ids=class_ids,
+                        class_names=class_names, resize_size=resize_size,
+                        contract=TORCHVISION_CONTRACT)
+        return weights.write_weights(model, output, fmt, sidecar=(sidecar_path(output), meta))
     return writer
 
 

@@ -38,7 +38,6 @@ import tempfile
 
 import numpy
 
-from keras_resnet import files
 from keras_resnet.serving import deploy
 
 SIGNATURE = "serving_default"
@@ -84,9 +83,7 @@ def write_litert(model, output, *, image_size, class_ids, class_names, calibrati
     meta = deploy.metadata(fmt=fmt, image_size=image_size, class_ids=class_ids,
                            class_names=class_names, resize_size=resize_size)
     data = to_tflite(model, image_size=image_size, calibration=calibration if quantize else None)
-    data = with_metadata(data, meta)
-    deploy.write_sidecar(output, meta)
-    return files.write_bytes_atomic(output, data)
+    return deploy.write_with_sidecar(output, with_metadata(data, meta), meta)
 
 
 def with_metadata(data, meta):

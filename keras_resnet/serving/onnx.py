@@ -45,7 +45,6 @@ import os
 import sys
 import tempfile
 
-from keras_resnet import files
 from keras_resnet.serving import deploy
 
 OPSET = 17  # ONNX Runtime >= 1.14, OpenVINO, onnx.js and TensorRT 8.5+ read it
@@ -174,8 +173,7 @@ def write_onnx(model, output, *, image_size, class_ids, class_names, calibration
     proto = to_onnx(model, image_size=image_size, meta=meta)
     if quantized:
         proto = quantize(proto, calibration)
-    deploy.write_sidecar(output, meta)
-    return files.write_bytes_atomic(output, proto.SerializeToString())
+    return deploy.write_with_sidecar(output, proto.SerializeToString(), meta)
 
 
 class OnnxRunner:

@@ -5,7 +5,7 @@ serving/deploy.py). Converted by OpenVINO's TensorFlow frontend from the traced 
 `deploy.deploy_model` (Keras's `model.export(format="openvino")` imports Keras's OpenVINO backend,
 which needs scipy, and converts the uint8-input training model). Weights stay float32
 (`compress_to_fp16=False`), and the runner asks the CPU plugin for float32 inference: by default it
-computes in bfloat16 on CPUs that have it, which moves probabilities by ~1e-3. The .xml's rt_info
+computes in bfloat16 on CPUs that have it, which moves probabilities by ~1e-2. The .xml's rt_info
 holds `deploy.metadata` (class ids and names, sizes, the input contract) as JSON under
 `deploy.METADATA_NAME`, as the sidecar does; `read_metadata` reads it.
 """
