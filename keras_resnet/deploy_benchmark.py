@@ -185,8 +185,7 @@ def main(flag_values, args):
             kind = "a weights-only file no runtime serves" if name in formats.FORMATS else "unknown"
             raise cli.UsageError(f"--formats: {name!r} is {kind}; valid: {ANCHOR}, "
                                  f"{', '.join(formats.RUNNABLE)}.")
-    import keras
-
+    from keras_resnet.model import weights
     from keras_resnet.serving import export
     from pipelines import preprocessing
 
@@ -195,7 +194,11 @@ def main(flag_values, args):
         print(f"error: no model at {flag_values.model or flag_values.model_dir}; train first or "
               "pass --model=FILE.keras.", file=sys.stderr)
         return 1
-    model = keras.saving.load_model(path, compile=False)
+    try:
+        model = weights.load_keras(path)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     # A FixRes run evaluates (and exports) at its own --eval_resize_size / --eval_image_size.
     image_size, resize_size = export.eval_sizes(path, model, flag_values.image_size,
                                                 flag_values.resize_size)

@@ -89,10 +89,20 @@ def main(flag_values, args):
     except (WeightsError, sources.DataError, ValueError, OSError) as e:
         return cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     result["dataset"] = flag_values.dataset
+    # Files the listing of the validation folder left out (no label, unreadable, ...): the
+    # numbers above are over the others.
+    left_out = source.skipped_in("val")
+    result["left_out"] = len(left_out)
     print(evaluate.format_table([result]))
     if result["skipped"]:
         print(f"{result['skipped']} of {result['skipped'] + result['images']} validation "
               "images could not be decoded and were left out.", file=sys.stderr)
+    if left_out:
+        path, reason = left_out[0]
+        entries = f"{len(left_out)} {'entry' if len(left_out) == 1 else 'entries'}"
+        print(f"{entries} of the validation folder left out when it was listed (the first: "
+              f"{path}: {reason}); the numbers are over the "
+              f"{result['images']} images evaluated.", file=sys.stderr)
     if flag_values.json:
         from keras_resnet.files import write_json_atomic
 

@@ -94,8 +94,7 @@ def main(flag_values, args):
             deploy.require(module, fmt.extra)
     except ImportError as e:
         return cli.fail(str(e))
-    import keras
-
+    from keras_resnet.model import weights
     from keras_resnet.serving import export
     from pipelines.layout import DataError
 
@@ -108,7 +107,7 @@ def main(flag_values, args):
     if not os.path.isfile(path):
         return cli.fail(f"model file {path} not found.")
     try:
-        model = keras.saving.load_model(path, compile=False)
+        model = weights.load_keras(path)
         image_size, resize_size = export.eval_sizes(path, model, flag_values.image_size,
                                                     flag_values.resize_size)
         if image_size is None:

@@ -20,13 +20,17 @@ Rewriting a file in place does not; delete the cache file to force a rescan afte
 
 from __future__ import annotations
 
+import codecs
+import collections
 import concurrent.futures
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -46,7 +50,7 @@ INDEX_FILE = ".keras_resnet_index.npz"
 # read with a byte-order mark, tab-separated mapping, CSV ImageIds with a file extension, class
 # folders read with their sub-folders; 5: valid/ or validation/ as the validation folder, names
 # that are not UTF-8 skipped; 6: links to nothing loose in a split folder reported
-INDEX_VERSION = 6
+INDEX_VERSION = 7
 # Folder names of the validation split, in order of preference (Kaggle: val/; many datasets
 # published in the ImageFolder layout: valid/ or validation/).
 VAL_DIRS = ("val", "valid", "validation")
@@ -117,6 +121,13 @@ class Source:
     @property
     def num_classes(self) -> int:
         return len(self.class_ids)
+
+    def skipped_in(self, split: str) -> list[tuple[str, str]]:
+        """The entries of `skipped` under the folder of `split` ("train" or "val")."""
+        if not self.root:
+            return []
+        folder = os.path.join(self.root, split_dir_name(self.root, split))
+        return [(p, r) for p, r in self.skipped if p == folder or p.startswith(folder + os.sep)]
 
     def summary(self) -> str:
         """One line for the start-up log: classes and counts per split."""
@@ -226,12 +237,26 @@ def _find_layout(root: str) -> tuple[str, str | None, str]:
     return image_root, None, "imagefolder"
 
 
+def _read_text(path: str) -> str:
+    """The text of a label file: UTF-8 (a byte-order mark, as files saved on Windows start, is not
+    part of the first line), or UTF-16 with its byte-order mark (Excel's and Notepad's "Unicode
+    text"); any other encoding is refused in one line that says how to convert it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start}): save it as UTF-8, e.g. iconv -f latin1 -t utf-8 "
+                        f"OLD > {os.path.basename(path)}") from None
+
+
 def _read_synset_mapping(path: str) -> tuple[list[str], list[str]]:
     """Returns (wnids, names) sorted by wnid; the Kaggle file is already sorted (line i = class i)."""
     pairs = []
-    # utf-8-sig: a byte-order mark (files saved on Windows) is not part of the first class id.
-    with open(path, encoding="utf-8-sig") as f:
-        lines = [line.strip() for line in f if line.strip()]
+    lines = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
     # "id names": tab-separated when most lines with a separator have a tab (then an id may
     # hold spaces), else space-separated (then a name may hold a tab); decided for the whole
     # file, so one odd line reads as its neighbours do.
@@ -242,26 +267,39 @@ def _read_synset_mapping(path: str) -> tuple[list[str], list[str]]:
                   else line.split(maxsplit=1))
         pairs.append((fields[0], fields[1].strip() if len(fields) > 1 else fields[0]))
     if not pairs:
-        raise DataError(f"{path} is empty: re-extract it with "
-                        "`python -m keras_resnet.download --data_dir=DIR`")
-    if len({w for w, _ in pairs}) != len(pairs):
-        raise DataError(f"{path} lists a wnid twice: re-extract it")
+        raise DataError(f"{path} is empty: it lists the classes, one 'id name' per line (for "
+                        "ImageNet, re-extract it with `python -m keras_resnet.download "
+                        "--data_dir=DIR`)")
+    twice = sorted(w for w, n in collections.Counter(w for w, _ in pairs).items() if n > 1)
+    if twice:
+        raise DataError(f"{path} lists the class id {twice[0]!r} twice"
+                        f"{f' (and {len(twice) - 1} more)' if len(twice) > 1 else ''}: "
+                        "each class once, one per line")
     pairs.sort()
     return [w for w, _ in pairs], [n for _, n in pairs]
 
 
-def _read_val_solution(path: str) -> dict[str, str]:
-    """ImageId -> wnid of the first box. Rows are not sorted and may carry several boxes. An
-    ImageId may also be written as a file name (`ILSVRC2012_val_00000001.JPEG`)."""
+def _read_val_solution(path: str, class_ids=()) -> dict[str, str]:
+    """ImageId -> class id of the first box. Rows are not sorted and may carry several boxes. An
+    ImageId may also be written as a file name (`ILSVRC2012_val_00000001.JPEG`). A class id may
+    hold spaces (a tab-separated mapping): the longest of `class_ids` that starts the
+    PredictionString is taken when its first word is not a class."""
+    spaced = sorted((c for c in class_ids if " " in c), key=len, reverse=True)
+    known = set(class_ids)
     labels = {}
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-            raise DataError(f"{path}: expected header 'ImageId,PredictionString', got {header}")
-        for row in reader:
-            if len(row) >= 2 and row[1].split():
-                labels[_image_id(row[0].strip())] = row[1].split()[0]
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+        raise DataError(f"{path}: expected the header line 'ImageId,PredictionString' (comma-"
+                        f"separated), got {header}: add it or fix the separator")
+    for row in reader:
+        prediction = row[1].strip() if len(row) >= 2 else ""
+        if prediction:
+            first = prediction.split(maxsplit=1)[0]
+            if first not in known:
+                first = next((c for c in spaced if prediction == c or prediction.startswith(
+                    c + " ")), first)
+            labels[_image_id(row[0].strip())] = first
     return labels
 
 
@@ -273,8 +311,8 @@ def _image_id(name: str) -> str:
 
 def _scan(directory: str, skipped: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
     """(files, folders): the visible names in `directory` (hidden ones are temp or metadata),
-    in one listing (ImageNet's class folders hold 1.28M files). Names that are not UTF-8 and
-    links to nothing go to `skipped` with the reason."""
+    in one listing (ImageNet's class folders hold 1.28M files). Names that are not UTF-8 or hold
+    a line break or tab, and links to nothing, go to `skipped` with the reason."""
     files, folders = [], []
     with os.scandir(directory) as it:
         for entry in it:
@@ -282,6 +320,10 @@ def _scan(directory: str, skipped: list[tuple[str, str]]) -> tuple[list[str], li
                 continue
             if not _is_utf8(entry.name):
                 skipped.append((printable(entry.path), "name is not UTF-8: rename it"))
+            elif any(c in entry.name for c in "\n\r\t"):
+                # The index and skipped_files.tsv are lines of tab-separated fields.
+                skipped.append((entry.path.translate(_LINE_BREAKS),
+                                "name holds a line break or tab: rename it"))
             elif entry.is_file():
                 files.append(entry.name)
             elif entry.is_dir():
@@ -289,6 +331,9 @@ def _scan(directory: str, skipped: list[tuple[str, str]]) -> tuple[list[str], li
             elif entry.is_symlink():
                 skipped.append((entry.path, "link to a file that does not exist"))
     return files, sorted(folders)
+
+
+_LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
 def _is_utf8(name: str) -> bool:
@@ -367,11 +412,19 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
                             f"{FIX_HINT}")
         class_ids = class_names = train_classes
     class_index = {c: i for i, c in enumerate(class_ids)}
+    # A name also matches in the other Unicode normal form: macOS writes folder names decomposed
+    # (NFD), most editors save text composed (NFC); the two look the same.
+    for c, i in list(class_index.items()):
+        for form in ("NFC", "NFD"):
+            class_index.setdefault(unicodedata.normalize(form, c), i)
     unknown = sorted(set(train_classes) - set(class_index))
     if unknown:
+        spaces = any(" " in c for c in unknown)
         raise DataError(f"{train_dir} has class folders not in {SYNSET_MAPPING}: "
                         f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; "
-                        "remove them or fix the mapping")
+                        "remove them or fix the mapping"
+                        + (" (a class id with spaces needs a tab after it, then its name: "
+                           "'id<TAB>name')" if spaces else ""))
 
     skipped: list[tuple[str, str]] = []
     splits = {}
@@ -397,6 +450,9 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
         if loose and split == "val" and (has_solution or not subdirs):
             pairs += _label_flat_val(split_dir, loose, meta_dir, class_index, skipped,
                                      has_folders=bool(subdirs))
+        elif split == "val" and has_solution and not subdirs:
+            skipped.append((split_dir, f"empty, though {VAL_SOLUTION} lists images: extract "
+                                       "them again"))
         elif loose:
             skipped += [(os.path.join(split_dir, n), "file outside class folders") for n in loose]
         pairs.sort()
@@ -430,10 +486,12 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped, has_folders)
         raise DataError(f"{val_dir} holds images directly but {VAL_SOLUTION} is missing (looked in "
                         f"{meta_dir or os.path.dirname(val_dir)}): put it next to "
                         f"{SYNSET_MAPPING}, or sort val/ into class folders (valprep.sh)")
-    labels = _read_val_solution(solution)
+    labels = _read_val_solution(solution, class_index)
     pairs, seen = [], set()
     for name in names:
+        # The CSV names a file by its stem (Kaggle) or its whole name (any extension).
         image_id = os.path.splitext(name)[0]
+        image_id = name if image_id not in labels and name in labels else image_id
         wnid = labels.get(image_id)
         path = os.path.join(val_dir, name)
         if wnid is None:
@@ -459,7 +517,11 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped, has_folders)
         # to nothing is already reported as such (whatever its extension).
         reported = {os.path.splitext(os.path.basename(path))[0] for path, _ in skipped
                     if os.path.dirname(path) == val_dir}
-        skipped += [(os.path.join(val_dir, i + ".JPEG"), f"missing (listed in {VAL_SOLUTION})")
+        # Named with the extension most of val/ has (Kaggle's .JPEG when it is empty).
+        ext = collections.Counter(os.path.splitext(n)[1] for n in names).most_common(1)
+        ext = ext[0][0] if ext and ext[0][0] else ".JPEG"
+        skipped += [(os.path.join(val_dir, i if os.path.splitext(i)[1] else i + ext),
+                     f"missing (listed in {VAL_SOLUTION})")
                     for i in sorted(set(labels) - seen - reported)]
     return pairs
 
@@ -469,8 +531,9 @@ def screen_file(path: str, decode: bool = False) -> str:
 
     `decode=True` then decodes a plausible file as the training pipeline does (TensorFlow).
 
-    Reads only the first and last few bytes: cheap enough for 1.28M files. CMYK JPEGs and PNGs
-    named .JPEG pass (the decoder reads them by content).
+    Reads only the first and last few bytes (the whole file when its tail has no end marker):
+    cheap enough for 1.28M files. CMYK JPEGs and PNGs named .JPEG pass (the decoder reads them by
+    content).
     """
     try:
         with open(path, "rb") as f:
@@ -483,7 +546,8 @@ def screen_file(path: str, decode: bool = False) -> str:
     if size == 0:
         return "empty file"
     kind = formats.image_format(head)
-    if kind in formats.END_MARKERS and formats.END_MARKERS[kind] not in tail:
+    if (kind in formats.END_MARKERS and formats.END_MARKERS[kind] not in tail
+            and not _contains(path, formats.END_MARKERS[kind])):
         return f"truncated {kind} (no end marker)"
     if kind:
         return _decode_problem(path) if decode else ""
@@ -491,6 +555,19 @@ def screen_file(path: str, decode: bool = False) -> str:
         if head.startswith(magic):
             return f"unsupported image format {name} (use {formats.NAMES})"
     return f"not an image (not {formats.NAMES})"
+
+
+def _contains(path: str, marker: bytes, chunk: int = 1 << 20) -> bool:
+    """Whether the file holds `marker` anywhere: a decodable image may carry more than TAIL_BYTES
+    after its end marker (a phone's motion photo appends its video). Read only for the rare file
+    whose tail lacks the marker."""
+    with open(path, "rb") as f:
+        carry = b""
+        while block := f.read(chunk):
+            if marker in carry + block:
+                return True
+            carry = block[-(len(marker) - 1):]
+    return False
 
 
 def _decode_problem(path: str) -> str:

@@ -207,6 +207,12 @@ def test_bad_input_gets_one_line_errors(sharp, tmp_path, capsys, monkeypatch):
     assert not os.path.exists(tmp_path / "q.tflite")
     status, err = error([f"--model={tmp_path}/x.onnx", str(tmp_path)], predict_cmd)
     assert status == 1 and "x.onnx not found" in err
+    (tmp_path / "junk.keras").write_bytes(b"not a zip archive")
+    for argv, command in (([f"--model={tmp_path}/junk.keras", "--format=onnx",
+                            f"--output={tmp_path}/j.onnx"], export_cmd),
+                          ([f"--model={tmp_path}/junk.keras", model_path], predict_cmd)):
+        status, err = error(argv, command)
+        assert status == 1 and "junk.keras is not a .keras file (a zip archive" in err
     # A class list of another length than the model's outputs, for every format.
     seven = tmp_path / "seven.json"
     seven.write_text(json.dumps({"class_ids": [str(i) for i in range(7)]}))

@@ -315,3 +315,31 @@ def test_a_classes_json_of_another_model_beside_a_keras_file_is_refused(tmp_path
     result = evaluate.evaluate_path(path, source.val, protocol, progress=False, num_classes=3,
                                     class_ids=source.class_ids)
     assert (result["images"], result["skipped"]) == (3, 0)
+
+
+def test_evaluate_names_the_validation_files_the_listing_left_out(tmp_path, capsys):
+    """A validation file without a CSV row is not silently dropped from the numbers."""
+    import keras
+
+    from keras_resnet.model.resnet import build_resnet
+    from keras_resnet.serving import export
+    from pipelines.demo import make_demo
+    from pipelines.sources import load_source
+
+    keras.utils.set_random_seed(0)
+    data = make_demo(str(tmp_path / "data"), num_classes=3, train_per_class=1, val_per_class=2)
+    source = load_source("imagenet", data)
+    model = build_resnet(18, num_classes=3, input_shape=(32, 32, 3), include_preprocessing=True)
+    saved = export.export_saved_model(model, str(tmp_path / "export"), image_size=32,
+                                      class_ids=source.class_ids)
+    stray = os.path.join(os.path.dirname(source.val.files[0]), "stray.JPEG")
+    with open(source.val.files[0], "rb") as f, open(stray, "wb") as out:
+        out.write(f.read())
+    report = tmp_path / "eval.json"
+    status = evaluate_cmd.run([f"--weights={saved}", "--dataset=imagenet", f"--data_dir={data}",
+                               f"--json={report}"])
+    err = capsys.readouterr().err
+    result = json.loads(report.read_text())
+    assert status == 0 and (result["images"], result["left_out"]) == (6, 1)
+    assert (f"1 entry of the validation folder left out when it was listed (the first: "
+            f"{stray}: no row in LOC_val_solution.csv)") in err

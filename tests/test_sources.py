@@ -440,6 +440,86 @@ def test_jpeg_with_trailing_bytes_after_the_end_marker_is_kept(tmp_path):
     padded = tmp_path / "padded.JPEG"
     padded.write_bytes(buf.getvalue() + b"\x00" * 1000)
     assert sources.screen_file(str(padded)) == ""
+    # A phone's motion photo: a video of megabytes after the JPEG (more than the tail read).
+    motion = tmp_path / "motion.jpg"
+    motion.write_bytes(buf.getvalue() + b"\x00\x00\x00\x18ftypmp42" + b"\x01" * (3 << 20))
+    assert sources.screen_file(str(motion)) == ""
     cut = tmp_path / "cut.JPEG"
     cut.write_bytes(buf.getvalue()[:-40])
     assert "truncated" in sources.screen_file(str(cut))
+
+
+def _custom_kaggle(root, mapping, train, val, csv_rows, csv_encoding="utf-8"):
+    """A Kaggle-layout tree: `mapping` (the text of LOC_synset_mapping.txt), train {class folder:
+    count}, flat val/ file names, and the CSV's rows (ImageId, PredictionString)."""
+    from tests.kaggle_tree import IMAGE_ROOT, image_bytes
+
+    rng = np.random.default_rng(0)
+    (root / "LOC_synset_mapping.txt").write_bytes(
+        mapping.encode(csv_encoding) if isinstance(mapping, str) else mapping)
+    for folder, count in train.items():
+        (root / IMAGE_ROOT / "train" / folder).mkdir(parents=True)
+        for n in range(count):
+            (root / IMAGE_ROOT / "train" / folder / f"{n}.jpg").write_bytes(image_bytes(rng, 24))
+    (root / IMAGE_ROOT / "val").mkdir(parents=True)
+    for name in val:
+        (root / IMAGE_ROOT / "val" / name).write_bytes(image_bytes(rng, 24))
+    text = "ImageId,PredictionString\n" + "".join(f"{i},{p}\n" for i, p in csv_rows)
+    (root / "LOC_val_solution.csv").write_bytes(text.encode(csv_encoding))
+    return root / IMAGE_ROOT
+
+
+def test_other_kaggle_layout_datasets_label_their_flat_val(tmp_path):
+    """Class ids with spaces in the CSV's PredictionString (a tab-separated mapping), ImageIds
+    with any extension, a UTF-16 CSV (Excel's "Unicode text"), folder names in the other Unicode
+    normal form (macOS), a file whose name holds a line break."""
+    import unicodedata
+
+    mapping = "cat\tHouse cat\nwild cat\tWild cat, felid\n\u00c4rger\tTrouble\n"
+    image_root = _custom_kaggle(
+        tmp_path, mapping, {"cat": 2, "wild cat": 2, unicodedata.normalize("NFD", "\u00c4rger"): 2},
+        ["v1.jfif", "v2.JPEG", "v3.jpg"],
+        [("v1.jfif", "cat 1 2 3 4"), ("v2", "wild cat 1 2 3 4 cat 5 6 7 8"),
+         ("v3", "\u00c4rger 1 2 3 4")], csv_encoding="utf-16")
+    (image_root / "train" / "cat" / "line\nbreak.jpg").write_bytes(b"")
+    for _ in range(2):   # built, then read back from the cached index
+        src = load_source("imagenet", str(tmp_path))
+        assert src.class_ids == ["cat", "wild cat", "\u00c4rger"]
+        assert _as_dict(src.val) == {str(image_root / "val" / "v1.jfif"): 0,
+                                     str(image_root / "val" / "v2.JPEG"): 1,
+                                     str(image_root / "val" / "v3.jpg"): 2}
+        assert src.train.num_examples == 6
+        assert src.skipped == [(str(image_root / "train" / "cat" / "line\\nbreak.jpg"),
+                                "name holds a line break or tab: rename it")]
+        assert src.skipped_in("train") == src.skipped and src.skipped_in("val") == []
+
+
+def test_label_files_in_another_encoding_are_refused_in_one_line(tmp_path):
+    _custom_kaggle(tmp_path, "cat K\xe4se\ndog Dog\n", {"cat": 1, "dog": 1}, ["v1.jpg"],
+                   [("v1", "cat")], csv_encoding="latin-1")
+    with pytest.raises(DataError, match=r"LOC_synset_mapping.txt is not UTF-8 text \(byte 0xe4 "
+                                        r"at offset 5\): save it as UTF-8, e.g. iconv") as error:
+        load_source("imagenet", str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_val_entries_left_out_are_reported(tmp_path):
+    """Files with no CSV row or an unknown label, rows with no file (named with val/'s own
+    extension), an empty val/ beside a CSV that lists images; a class id listed twice."""
+    image_root = _custom_kaggle(tmp_path, "cat Cat\ndog Dog\n", {"cat": 1, "dog": 1},
+                                ["v1.jpg", "v2.jpg", "v3.jpg"],
+                                [("v1", "cat"), ("v2", "fox 1 2 3 4"), ("v4", "dog")])
+    val = image_root / "val"
+    src = load_source("imagenet", str(tmp_path))
+    assert _as_dict(src.val) == {str(val / "v1.jpg"): 0}
+    assert sorted(src.skipped_in("val")) == [
+        (str(val / "v2.jpg"), "label fox not in LOC_synset_mapping.txt"),
+        (str(val / "v3.jpg"), "no row in LOC_val_solution.csv"),
+        (str(val / "v4.jpg"), "missing (listed in LOC_val_solution.csv)")]
+    for name in ("v1.jpg", "v2.jpg", "v3.jpg"):
+        os.remove(val / name)
+    assert load_source("imagenet", str(tmp_path)).skipped_in("val") == [
+        (str(val), "empty, though LOC_val_solution.csv lists images: extract them again")]
+    (tmp_path / "LOC_synset_mapping.txt").write_text("cat Cat\ndog Dog\ncat Kitty\n")
+    with pytest.raises(DataError, match="lists the class id 'cat' twice: each class once"):
+        load_source("imagenet", str(tmp_path))

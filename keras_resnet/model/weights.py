@@ -132,16 +132,26 @@ def _read_safetensors_bf16(path):
     return out
 
 
-def _read_keras(path):
+def load_keras(path):
+    """The model of the .keras file `path` (uncompiled; this project's layers registered), or a
+    one-line WeightsError: Keras says "File not found" for a file that is there but not a
+    .keras archive."""
     import keras
 
     import keras_resnet.model.layers  # noqa: F401  (registers the BatchNorm layer)
 
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise WeightsError(f"{path} is not a .keras file (a zip archive; damaged, or another "
+                           "format renamed): pass the best.keras or latest.keras a run wrote.")
     try:
-        model = keras.saving.load_model(path, compile=False)
+        return keras.saving.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a damaged archive
         raise WeightsError(f"cannot load the Keras model {path} "
                            f"({str(e).splitlines()[0][:120]}).") from None
+
+
+def _read_keras(path):
+    model = load_keras(path)
     return to_torchvision_state_dict(model), {"variant": _model_variant(model)}
 
 

@@ -13,10 +13,10 @@ decode, resize and center crop as evaluation), a .keras file (class names from t
 import os
 import re
 
-import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_resnet.model import weights
 from keras_resnet.serving import export
 from keras_resnet.serving import formats as deploy_formats
 from pipelines import formats
@@ -46,7 +46,7 @@ def load_predictor(path, image_size=None, resize_size=None):
     if not checkpoint or not os.path.isfile(checkpoint):
         raise ValueError(f"{path} is neither a SavedModel, an export directory with versions, "
                          "a .keras file nor a directory with best.keras / latest.keras.")
-    model = keras.saving.load_model(checkpoint, compile=False)
+    model = weights.load_keras(checkpoint)
     image_size, resize_size = export.eval_sizes(checkpoint, model, image_size, resize_size)
     image_size = image_size or 224
     num_classes = model.outputs[0].shape[-1]
