@@ -197,8 +197,7 @@ def main(flag_values, args):
     try:
         model = weights.load_keras(path)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.fail(str(e))
     # A FixRes run evaluates (and exports) at its own --eval_resize_size / --eval_image_size.
     image_size, resize_size = export.eval_sizes(path, model, flag_values.image_size,
                                                 flag_values.resize_size)
@@ -207,7 +206,10 @@ def main(flag_values, args):
     fixed = model.inputs[0].shape[1]
     if fixed not in (None, image_size):
         return cli.fail(f"{path} takes {fixed} px images; --image_size={image_size} does not fit.")
-    classes = export.load_classes_for(path, model.outputs[0].shape[-1])
+    try:
+        classes = export.load_classes_for(path, model.outputs[0].shape[-1])
+    except ValueError as e:
+        return cli.fail(str(e))
     data, pixels, labels = _validation(flag_values.dataset, _data_dir(flag_values), image_size,
                                        resize_size)
     print(f"# {machine()}")

@@ -75,11 +75,12 @@ def write_with_companion(path, data, companion, companion_data):
     describes it, such as its class names) so that at every moment, after a kill too, the two are
     the old pair, the new pair, or a file without its companion: never a file beside another
     one's companion. The old companion is moved aside first, then the new file and the new
-    companion are renamed into place; an error puts the old ones back. Temporaries of writers
-    that were killed are removed from the folder first. Returns `path`."""
+    companion are renamed into place; an error before the new file is in place puts the old
+    companion back. Temporaries of killed writers of these two names are removed first.
+    Returns `path`."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    remove_stale_temps(parent)
+    remove_stale_temps(parent, names=(os.path.basename(path), os.path.basename(companion)))
     new, new_companion, old_companion = temp_name(path), temp_name(companion), temp_name(companion)
     try:
         for tmp, content in ((new, data), (new_companion, companion_data)):
@@ -87,10 +88,13 @@ def write_with_companion(path, data, companion, companion_data):
                 f.write(content)
             _fsync_file(tmp)
         aside = [(companion, old_companion)] if os.path.lexists(companion) else []
-        rename_all([*aside, (new, path), (new_companion, companion)])
+        rename_all([*aside, (new, path)])   # undone on an error: the old pair again
+        # Once the new file is in place it stays (the old one is gone): an error here leaves it
+        # without a companion, a state a reader already handles.
+        os.replace(new_companion, companion)
     finally:
         for tmp in (new, new_companion, old_companion):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.remove(tmp)
     return path
 
@@ -154,9 +158,11 @@ def rename_all(renames):
         raise
 
 
-def remove_stale_temps(directory):
+def remove_stale_temps(directory, names=None):
     """Deletes the temporary files and directories in `directory` whose writing process (by the
-    pid in their name) is gone on this host; a live writer's are left alone. Returns the count."""
+    pid in their name) is gone on this host; a live writer's are left alone. `names`: only the
+    temporaries of files with these names (a folder another host or container also writes to
+    keeps theirs). Returns the count."""
     removed = 0
     try:
         entries = os.listdir(directory)
@@ -165,6 +171,8 @@ def remove_stale_temps(directory):
     for entry in entries:
         m = _TMP_NAME.match(entry)
         if not m or pid_alive(int(m.group(1))):
+            continue
+        if names is not None and entry[m.end():].split("-", 1)[-1] not in names:
             continue
         path = os.path.join(directory, entry)
         if os.path.isdir(path) and not os.path.islink(path):

@@ -486,7 +486,10 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         # count).
         ds = ds.map(mix_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.prefetch(AUTOTUNE)
-    return ds.with_options(_options(deterministic, sharded=input_context is not None))
+    # A records split keeps tf.data's order everywhere, inside TFDS's reader too (its parsing
+    # map follows this option): positions are counted on the records' order.
+    return ds.with_options(_options(deterministic or not has_files,
+                                    sharded=input_context is not None))
 
 
 def eval_steps(num_examples: int, global_batch_size: int) -> int:

@@ -243,20 +243,25 @@ def _read_text(path: str) -> str:
     text"); any other encoding is refused in one line that says how to convert it."""
     with open(path, "rb") as f:
         data = f.read()
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return data.decode("utf-16")
+    # UTF-32's marks first: UTF-32-LE's starts with UTF-16-LE's.
+    encoding = next((name for name, marks in (
+        ("utf-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),
+        ("utf-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))) if data.startswith(marks)),
+        "utf-8-sig")
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode(encoding)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                        f"{e.start}): save it as UTF-8, e.g. iconv -f latin1 -t utf-8 "
-                        f"OLD > {os.path.basename(path)}") from None
+        raise DataError(f"{path} is not {encoding.replace('-sig', '').upper()} text (byte "
+                        f"0x{data[e.start]:02x} at offset {e.start}): save it as UTF-8, e.g. "
+                        f"iconv -f latin1 -t utf-8 OLD > {os.path.basename(path)}") from None
+    # Lines end at \n, \r\n or \r only (str.splitlines also breaks at \f, U+2028, ...).
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_synset_mapping(path: str) -> tuple[list[str], list[str]]:
     """Returns (wnids, names) sorted by wnid; the Kaggle file is already sorted (line i = class i)."""
     pairs = []
-    lines = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    lines = [line.strip() for line in _read_text(path).split("\n") if line.strip()]
     # "id names": tab-separated when most lines with a separator have a tab (then an id may
     # hold spaces), else space-separated (then a name may hold a tab); decided for the whole
     # file, so one odd line reads as its neighbours do.
@@ -283,9 +288,8 @@ def _read_val_solution(path: str, class_ids=()) -> dict[str, str]:
     """ImageId -> class id of the first box. Rows are not sorted and may carry several boxes. An
     ImageId may also be written as a file name (`ILSVRC2012_val_00000001.JPEG`). A class id may
     hold spaces (a tab-separated mapping): the longest of `class_ids` that starts the
-    PredictionString is taken when its first word is not a class."""
+    PredictionString is taken, else its first word."""
     spaced = sorted((c for c in class_ids if " " in c), key=len, reverse=True)
-    known = set(class_ids)
     labels = {}
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     header = next(reader, None)
@@ -295,11 +299,11 @@ def _read_val_solution(path: str, class_ids=()) -> dict[str, str]:
     for row in reader:
         prediction = row[1].strip() if len(row) >= 2 else ""
         if prediction:
-            first = prediction.split(maxsplit=1)[0]
-            if first not in known:
-                first = next((c for c in spaced if prediction == c or prediction.startswith(
-                    c + " ")), first)
-            labels[_image_id(row[0].strip())] = first
+            # The longest id that starts it: boxes are numbers, so "a b 1 2 3 4" is class "a b"
+            # when there is one, even beside a class "a".
+            labels[_image_id(row[0].strip())] = next(
+                (c for c in spaced if prediction == c or prediction.startswith(c + " ")),
+                prediction.split(maxsplit=1)[0])
     return labels
 
 
@@ -320,7 +324,7 @@ def _scan(directory: str, skipped: list[tuple[str, str]]) -> tuple[list[str], li
                 continue
             if not _is_utf8(entry.name):
                 skipped.append((printable(entry.path), "name is not UTF-8: rename it"))
-            elif any(c in entry.name for c in "\n\r\t"):
+            elif not _usable_name(entry.name):
                 # The index and skipped_files.tsv are lines of tab-separated fields.
                 skipped.append((entry.path.translate(_LINE_BREAKS),
                                 "name holds a line break or tab: rename it"))
@@ -334,6 +338,12 @@ def _scan(directory: str, skipped: list[tuple[str, str]]) -> tuple[list[str], li
 
 
 _LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def _usable_name(name: str) -> bool:
+    """UTF-8 and without a line break or tab (the index and skipped_files.tsv are lines of
+    tab-separated fields)."""
+    return _is_utf8(name) and not any(c in name for c in "\n\r\t")
 
 
 def _is_utf8(name: str) -> bool:
@@ -404,7 +414,8 @@ def _build_index(image_root: str, meta_dir: str | None, screen: str) -> dict:
     if meta_dir and os.path.isfile(os.path.join(meta_dir, SYNSET_MAPPING)):
         class_ids, class_names = _read_synset_mapping(os.path.join(meta_dir, SYNSET_MAPPING))
     train_dir = os.path.join(image_root, "train")
-    train_classes = ([c for c in _list_dirs(train_dir) if _is_utf8(c)]
+    # Names _scan reports (not UTF-8, a line break or tab) are not classes.
+    train_classes = ([c for c in _list_dirs(train_dir) if _usable_name(c)]
                      if os.path.isdir(train_dir) else [])
     if class_ids is None:
         if not train_classes:
@@ -489,9 +500,7 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped, has_folders)
     labels = _read_val_solution(solution, class_index)
     pairs, seen = [], set()
     for name in names:
-        # The CSV names a file by its stem (Kaggle) or its whole name (any extension).
-        image_id = os.path.splitext(name)[0]
-        image_id = name if image_id not in labels and name in labels else image_id
+        image_id = _row_key(name, labels)
         wnid = labels.get(image_id)
         path = os.path.join(val_dir, name)
         if wnid is None:
@@ -515,7 +524,7 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped, has_folders)
     if not has_folders:
         # Rows without a file mean an incomplete extraction (unless valprep moved them); a link
         # to nothing is already reported as such (whatever its extension).
-        reported = {os.path.splitext(os.path.basename(path))[0] for path, _ in skipped
+        reported = {_row_key(os.path.basename(path), labels) for path, _ in skipped
                     if os.path.dirname(path) == val_dir}
         # Named with the extension most of val/ has (Kaggle's .JPEG when it is empty).
         ext = collections.Counter(os.path.splitext(n)[1] for n in names).most_common(1)
@@ -526,14 +535,20 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped, has_folders)
     return pairs
 
 
+def _row_key(name: str, labels: dict) -> str:
+    """The CSV key of val/ file `name`: its whole name when a row has it (an ImageId with an
+    extension that `_image_id` keeps, such as .jfif), else its stem (Kaggle's ImageIds)."""
+    return name if name in labels else os.path.splitext(name)[0]
+
+
 def screen_file(path: str, decode: bool = False) -> str:
     """Returns "" for a plausible image (see pipelines.formats), else why the file is skipped.
 
     `decode=True` then decodes a plausible file as the training pipeline does (TensorFlow).
 
-    Reads only the first and last few bytes (the whole file when its tail has no end marker):
-    cheap enough for 1.28M files. CMYK JPEGs and PNGs named .JPEG pass (the decoder reads them by
-    content).
+    Reads only the first and last few bytes (the whole file when its tail has no end marker,
+    `_has_end`): cheap enough for 1.28M files. CMYK JPEGs and PNGs named .JPEG pass (the decoder
+    reads them by content).
     """
     try:
         with open(path, "rb") as f:
@@ -546,9 +561,13 @@ def screen_file(path: str, decode: bool = False) -> str:
     if size == 0:
         return "empty file"
     kind = formats.image_format(head)
-    if (kind in formats.END_MARKERS and formats.END_MARKERS[kind] not in tail
-            and not _contains(path, formats.END_MARKERS[kind])):
-        return f"truncated {kind} (no end marker)"
+    if kind in formats.END_MARKERS and formats.END_MARKERS[kind] not in tail:
+        try:
+            ends = _has_end(path, kind)
+        except OSError as e:
+            return f"unreadable: {e.strerror or e}"
+        if not ends:
+            return f"truncated {kind} (no end marker)"
     if kind:
         return _decode_problem(path) if decode else ""
     for magic, name in UNSUPPORTED_MAGIC.items():
@@ -557,17 +576,32 @@ def screen_file(path: str, decode: bool = False) -> str:
     return f"not an image (not {formats.NAMES})"
 
 
-def _contains(path: str, marker: bytes, chunk: int = 1 << 20) -> bool:
-    """Whether the file holds `marker` anywhere: a decodable image may carry more than TAIL_BYTES
-    after its end marker (a phone's motion photo appends its video). Read only for the rare file
-    whose tail lacks the marker."""
+def _has_end(path: str, kind: str) -> bool:
+    """Whether the image data of a JPEG or PNG whose tail lacks the end marker still ends: a
+    decodable image may carry more than TAIL_BYTES after it (a phone's motion photo appends its
+    video). A PNG's chunks are walked to IEND; a JPEG's segments to the start of the scan, then
+    its end-of-image marker is looked for (an EXIF thumbnail before the scan has one of its own).
+    Reads the whole file: only for these rare files."""
     with open(path, "rb") as f:
-        carry = b""
-        while block := f.read(chunk):
-            if marker in carry + block:
+        data = f.read()
+    pos = 8 if kind == "PNG" else 2   # after the PNG signature or the JPEG start marker
+    if kind == "PNG":
+        while pos + 8 <= len(data):
+            if data[pos + 4:pos + 8] == b"IEND":
                 return True
-            carry = block[-(len(marker) - 1):]
+            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+        return False
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xDA:   # start of scan: the entropy-coded data holds no bare FF D9
+            return data.find(formats.END_MARKERS["JPEG"], pos) >= 0
+        # Fill bytes and the markers without a length; the others carry theirs.
+        pos += 1 if marker == 0xFF else 2 if marker in _JPEG_BARE_MARKERS else (
+            2 + int.from_bytes(data[pos + 2:pos + 4], "big"))
     return False
+
+
+_JPEG_BARE_MARKERS = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
 
 
 def _decode_problem(path: str) -> str:

@@ -334,6 +334,10 @@ def test_records_split_trains_exact_epochs(split):
     assert len(set(epochs[0])) == 20 and len(set(epochs[1])) == 20
     np.testing.assert_array_equal(_labels(_train(rec, num_epochs=2, skip_steps=3)),
                                   _labels(batches[3:]))
+    # Inside a records source (TFDS's reader) maps follow tf.data's option: it stays ordered.
+    options = dataset.build_train_dataset(rec, global_batch_size=BATCH, image_size=SIZE, seed=1,
+                                          deterministic=False).options()
+    assert options.deterministic is True
     for skip in (0, 0, 0, 3):   # unordered decoding: the same batches, the same resume
         loose = _train(rec, num_epochs=2, skip_steps=skip, deterministic=False)
         np.testing.assert_array_equal(_labels(loose), _labels(batches[skip:]))

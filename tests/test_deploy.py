@@ -284,8 +284,9 @@ def test_a_file_never_sits_beside_another_exports_class_names(sharp, tmp_path, f
     old_classes = tmp_path / "old.json"
     export.write_classes_json(str(old_classes), [f"old{i}" for i in range(CLASSES)])
     assert _export(model_path, fmt, output, f"--classes={old_classes}") == 0
-    stale = tmp_path / "out" / ".tmp-999999999-0123abcd-m.onnx"   # no such process
-    stale.write_bytes(b"half a file")
+    # A killed export's temporary (no such process) goes; another file's is not ours to judge.
+    (tmp_path / "out" / f".tmp-999999999-0123abcd-m{suffix}").write_bytes(b"half a file")
+    (tmp_path / "out" / ".tmp-999999999-0123abcd-ckpt.index").write_bytes(b"someone else's")
 
     def ids_in_file():
         if fmt == "onnx":
@@ -311,7 +312,21 @@ def test_a_file_never_sits_beside_another_exports_class_names(sharp, tmp_path, f
         assert _export(model_path, fmt, output) == 0   # classes.json beside the model: n...
     assert states[-1] == ("n00000000", "n00000000")
     assert all(side is None or side == in_file for in_file, side in states), states
-    assert sorted(os.listdir(tmp_path / "out")) == [f"m{suffix}", f"m{suffix}.json"]
+    # The sidecar's rename fails: the new file stays (the old one is gone), without a sidecar.
+    real = os.replace
+
+    def fail_sidecar(src, dst):
+        if dst == output + ".json":
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", fail_sidecar)
+        assert _export(model_path, fmt, output, f"--classes={old_classes}") == 1
+    assert ids_in_file()[0] == "old0" and not os.path.exists(output + ".json")
+    assert _export(model_path, fmt, output) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == [".tmp-999999999-0123abcd-ckpt.index",
+                                                    f"m{suffix}", f"m{suffix}.json"]
 
 
 # --- the class names inside a LiteRT file --------------------------------------------------------

@@ -444,6 +444,25 @@ def test_jpeg_with_trailing_bytes_after_the_end_marker_is_kept(tmp_path):
     motion = tmp_path / "motion.jpg"
     motion.write_bytes(buf.getvalue() + b"\x00\x00\x00\x18ftypmp42" + b"\x01" * (3 << 20))
     assert sources.screen_file(str(motion)) == ""
+    # A camera JPEG's EXIF thumbnail ends with its own end marker, before the scan: cut after
+    # the thumbnail, the file is still truncated.
+    thumb = buf.getvalue()
+    big = io.BytesIO()
+    Image.effect_noise((256, 256), 60).convert("RGB").save(big, format="JPEG")
+    app1 = b"Exif\x00\x00" + thumb
+    camera = big.getvalue()[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 \
+        + big.getvalue()[2:]
+    (tmp_path / "camera.jpg").write_bytes(camera)
+    assert sources.screen_file(str(tmp_path / "camera.jpg")) == ""
+    (tmp_path / "camera_cut.jpg").write_bytes(camera[:len(camera) - 6000])
+    assert "truncated JPEG" in sources.screen_file(str(tmp_path / "camera_cut.jpg"))
+    # A PNG with a long trailer is kept; one cut before IEND is not.
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (0, 90, 0)).save(png, format="PNG")
+    (tmp_path / "trailer.png").write_bytes(png.getvalue() + b"\x00" * 6000)
+    assert sources.screen_file(str(tmp_path / "trailer.png")) == ""
+    (tmp_path / "cut.png").write_bytes(png.getvalue()[:-12] + b"\x00" * 6000)
+    assert "truncated PNG" in sources.screen_file(str(tmp_path / "cut.png"))
     cut = tmp_path / "cut.JPEG"
     cut.write_bytes(buf.getvalue()[:-40])
     assert "truncated" in sources.screen_file(str(cut))
@@ -492,6 +511,24 @@ def test_other_kaggle_layout_datasets_label_their_flat_val(tmp_path):
         assert src.skipped == [(str(image_root / "train" / "cat" / "line\\nbreak.jpg"),
                                 "name holds a line break or tab: rename it")]
         assert src.skipped_in("train") == src.skipped and src.skipped_in("val") == []
+
+
+def test_csv_rows_pick_the_longest_class_id_and_the_files_whole_name(tmp_path):
+    """A row "a b 1 2 3 4" is class "a b" even beside a class "a"; a file x.y is labelled by a row
+    "x.y" even beside a file x.JPEG labelled by a row "x"; a class folder named with a line break
+    is left out and reported, and the cached index reads back."""
+    image_root = _custom_kaggle(tmp_path, "a\tA\na b\tAB\n", {"a": 1, "a b": 1},
+                                ["x.JPEG", "x.y", "z.JPEG"],
+                                [("x", "a 1 2 3 4"), ("x.y", "a b 1 2 3 4"), ("z", "a b")])
+    (image_root / "train" / "bad\nname").mkdir()
+    val = image_root / "val"
+    for _ in range(2):
+        src = load_source("imagenet", str(tmp_path))
+        assert src.class_ids == ["a", "a b"]
+        assert _as_dict(src.val) == {str(val / "x.JPEG"): 0, str(val / "x.y"): 1,
+                                     str(val / "z.JPEG"): 1}
+        assert src.skipped == [(str(image_root / "train" / "bad\\nname"),
+                                "name holds a line break or tab: rename it")]
 
 
 def test_label_files_in_another_encoding_are_refused_in_one_line(tmp_path):

@@ -334,5 +334,5 @@ def write_weights(model, path, fmt, sidecar=None):
         return files.write_with_companion(path, data, sidecar[0], files.json_bytes(sidecar[1]))
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    files.remove_stale_temps(parent)   # a killed export's
+    files.remove_stale_temps(parent, names=(os.path.basename(path),))   # a killed export's
     return files.write_bytes_atomic(path, data)
