@@ -297,13 +297,14 @@ def _read_val_solution(path: str, class_ids=()) -> dict[str, str]:
         raise DataError(f"{path}: expected the header line 'ImageId,PredictionString' (comma-"
                         f"separated), got {header}: add it or fix the separator")
     for row in reader:
+        if not row or not row[0].strip():
+            continue
         prediction = row[1].strip() if len(row) >= 2 else ""
-        if prediction:
-            # The longest id that starts it: boxes are numbers, so "a b 1 2 3 4" is class "a b"
-            # when there is one, even beside a class "a".
-            labels[_image_id(row[0].strip())] = next(
-                (c for c in spaced if prediction == c or prediction.startswith(c + " ")),
-                prediction.split(maxsplit=1)[0])
+        # The longest id that starts it: boxes are numbers, so "a b 1 2 3 4" is class "a b" when
+        # there is one, even beside a class "a". "" for a row without a label.
+        labels[_image_id(row[0].strip())] = next(
+            (c for c in spaced if prediction == c or prediction.startswith(c + " ")),
+            prediction.split(maxsplit=1)[0] if prediction else "")
     return labels
 
 
@@ -505,6 +506,8 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped, has_folders)
         path = os.path.join(val_dir, name)
         if wnid is None:
             skipped.append((path, f"no row in {VAL_SOLUTION}"))
+        elif not wnid:
+            skipped.append((path, f"its row in {VAL_SOLUTION} has no label"))
         elif wnid not in class_index:
             skipped.append((path, f"label {wnid} not in {SYNSET_MAPPING}"))
         else:
@@ -514,7 +517,7 @@ def _label_flat_val(val_dir, names, meta_dir, class_index, skipped, has_folders)
         # Every file has a row, but no row's label is a class of the mapping.
         raise DataError(f"none of the {len(names):,} files in {val_dir} has a label that "
                         f"{SYNSET_MAPPING} lists (labels like "
-                        f"{min(labels[i] for i in seen if i in labels)!r}): use the "
+                        f"{min([labels[i] for i in seen if labels.get(i)] or [''])!r}): use the "
                         f"{VAL_SOLUTION} and {SYNSET_MAPPING} of the same dataset")
     if labels and not seen & set(labels):
         # Not one file named as the CSV names images: the wrong CSV, or another naming scheme.

@@ -541,19 +541,21 @@ def test_label_files_in_another_encoding_are_refused_in_one_line(tmp_path):
 
 
 def test_val_entries_left_out_are_reported(tmp_path):
-    """Files with no CSV row or an unknown label, rows with no file (named with val/'s own
-    extension), an empty val/ beside a CSV that lists images; a class id listed twice."""
+    """Files with no CSV row, an unknown label or a row without a label, rows with no file
+    (named with val/'s own extension), an empty val/ beside a CSV that lists images; a class id
+    listed twice."""
     image_root = _custom_kaggle(tmp_path, "cat Cat\ndog Dog\n", {"cat": 1, "dog": 1},
-                                ["v1.jpg", "v2.jpg", "v3.jpg"],
-                                [("v1", "cat"), ("v2", "fox 1 2 3 4"), ("v4", "dog")])
+                                ["v1.jpg", "v2.jpg", "v3.jpg", "v5.jpg"],
+                                [("v1", "cat"), ("v2", "fox 1 2 3 4"), ("v4", "dog"), ("v5", "")])
     val = image_root / "val"
     src = load_source("imagenet", str(tmp_path))
     assert _as_dict(src.val) == {str(val / "v1.jpg"): 0}
     assert sorted(src.skipped_in("val")) == [
         (str(val / "v2.jpg"), "label fox not in LOC_synset_mapping.txt"),
         (str(val / "v3.jpg"), "no row in LOC_val_solution.csv"),
-        (str(val / "v4.jpg"), "missing (listed in LOC_val_solution.csv)")]
-    for name in ("v1.jpg", "v2.jpg", "v3.jpg"):
+        (str(val / "v4.jpg"), "missing (listed in LOC_val_solution.csv)"),
+        (str(val / "v5.jpg"), "its row in LOC_val_solution.csv has no label")]
+    for name in ("v1.jpg", "v2.jpg", "v3.jpg", "v5.jpg"):
         os.remove(val / name)
     assert load_source("imagenet", str(tmp_path)).skipped_in("val") == [
         (str(val), "empty, though LOC_val_solution.csv lists images: extract them again")]
