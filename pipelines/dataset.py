@@ -362,8 +362,8 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
 
     def mix_batch(images, labels, epochs, positions):
         # The seed is the batch's first example's in (epoch, position) order, whatever the
-        # order within the batch (the data service's), and
-        # a batch may span two epochs after a dropped record.
+        # order within the batch (the data service's); a batch may span two epochs after a
+        # dropped record.
         first = tf.argmin(tf.cast(epochs, tf.int64) * examples_per_epoch
                           + tf.cast(positions, tf.int64))
         batch_seed = _example_seed(seed, epochs[first], positions[first], _MIX_SALT)

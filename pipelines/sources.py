@@ -49,7 +49,9 @@ INDEX_FILE = ".keras_resnet_index.npz"
 # 2: screening searches a 4 KiB tail; 3: classes without training images; 4: mapping and CSV
 # read with a byte-order mark, tab-separated mapping, CSV ImageIds with a file extension, class
 # folders read with their sub-folders; 5: valid/ or validation/ as the validation folder, names
-# that are not UTF-8 skipped; 6: links to nothing loose in a split folder reported
+# that are not UTF-8 skipped; 6: links to nothing loose in a split folder reported; 7: CSV labels
+# that are class ids with spaces, ImageIds with any extension, NFC/NFD names, names with line
+# breaks skipped, end markers found past the 4 KiB tail, an empty val/ beside a CSV reported
 INDEX_VERSION = 7
 # Folder names of the validation split, in order of preference (Kaggle: val/; many datasets
 # published in the ImageFolder layout: valid/ or validation/).
@@ -238,9 +240,10 @@ def _find_layout(root: str) -> tuple[str, str | None, str]:
 
 
 def _read_text(path: str) -> str:
-    """The text of a label file: UTF-8 (a byte-order mark, as files saved on Windows start, is not
-    part of the first line), or UTF-16 with its byte-order mark (Excel's and Notepad's "Unicode
-    text"); any other encoding is refused in one line that says how to convert it."""
+    """The text of a label file, with \n line ends: UTF-8 (a byte-order mark, as files saved on
+    Windows start, is not part of the first line), or UTF-16 or UTF-32 with a byte-order mark
+    (Excel's and Notepad's "Unicode text"); any other encoding is refused in one line that says
+    how to convert it."""
     with open(path, "rb") as f:
         data = f.read()
     # UTF-32's marks first: UTF-32-LE's starts with UTF-16-LE's.
@@ -587,13 +590,14 @@ def _has_end(path: str, kind: str) -> bool:
     Reads the whole file: only for these rare files."""
     with open(path, "rb") as f:
         data = f.read()
-    pos = 8 if kind == "PNG" else 2   # after the PNG signature or the JPEG start marker
     if kind == "PNG":
+        pos = 8   # after the signature: chunks of length, type, data, CRC
         while pos + 8 <= len(data):
             if data[pos + 4:pos + 8] == b"IEND":
                 return True
             pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
         return False
+    pos = 2   # after the start-of-image marker
     while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xDA:   # start of scan: the entropy-coded data holds no bare FF D9
