@@ -166,6 +166,28 @@ def test_presets_parse_validate_and_print_one_recipe_block():
             assert any(line.startswith("mixup / cutmix") and "0.2 / 1" in line for line in lines)
 
 
+
+@pytest.mark.parametrize("name", ["resnet_v2", "resnet_short"])
+def test_summary_of_a_fixres_preset_counts_at_the_training_size(name):
+    """A FixRes model takes any size; --summary counts it at the training size and says so (it
+    raised 'undefined output shape')."""
+    import train_main
+    from keras_resnet.training import run
+
+    try:
+        train_main.FLAGS(["train_main.py", f"--flagfile={REPO}/configs/{name}.flags",
+                          "--depth=18"])
+        config = train_main.config_from_flags().validate()
+    finally:
+        train_main.FLAGS.unparse_flags()
+    train, evaluate = config.resolved_train_image_size, config.resolved_eval_image_size
+    assert train != evaluate
+    text = run.summarize(config, num_classes=10)
+    assert f"Compute per image at {train}x{train}" in text
+    assert f"FixRes: trained at {train}x{train} (the figures above), evaluated and exported at " \
+           f"{evaluate}x{evaluate}" in text
+    assert "11,181,642" in text  # ResNet-18's trainable parameters with a 10-class head
+
 # ----- exact resume with every option on -----------------------------------------------------
 
 ALL_ON = dict(train_image_size=32, eval_image_size=40, eval_resize_size=44,

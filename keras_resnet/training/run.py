@@ -78,12 +78,13 @@ class Trainer:
 
 # ----- model and optimizer ----------------------------------------------------------------------
 
-def make_model(config, num_classes):
-    """The network for `config`: uint8 RGB in, float32 probabilities out."""
+def make_model(config, num_classes, input_shape=None):
+    """The network for `config`: uint8 RGB in, float32 probabilities out. `input_shape`: default
+    `recipe.model_input_shape(config)`."""
     model = build_resnet(
         config.depth,
         num_classes=num_classes,
-        input_shape=recipe.model_input_shape(config),
+        input_shape=input_shape or recipe.model_input_shape(config),
         dropout=config.dropout,
         l2=config.l2,
         l1=config.l1,
@@ -100,11 +101,17 @@ def summarize(config, num_classes=1000):
     """`--summary`: model.summary(), parameter counts, MACs and a memory estimate. Needs no data."""
     from keras_resnet.model import stats
 
-    model = make_model(config, num_classes)
+    # At the training size: the memory estimate is for training, and a FixRes model (trained and
+    # evaluated at different sizes) takes any size, so it has no size of its own to count at.
+    train, evaluate = config.resolved_train_image_size, config.resolved_eval_image_size
+    model = make_model(config, num_classes, input_shape=(train, train, 3))
     lines = []
     model.summary(print_fn=lambda line, **kwargs: lines.append(line))
     lines.append(stats.format_summary(model, batch_size=config.batch_size,
                                       gpu_memory_gib=config.gpu_memory_gib))
+    if train != evaluate:
+        lines.append(f"FixRes: trained at {train}x{train} (the figures above), evaluated and "
+                     f"exported at {evaluate}x{evaluate}; the network takes either size.")
     return "\n".join(lines)
 
 
