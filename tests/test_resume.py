@@ -4,6 +4,7 @@ run's (deterministic mode, CPU)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,23 @@ def test_best_score_survives_restart(data_dir, uninterrupted):
     assert os.path.getmtime(os.path.join(uninterrupted, "run", "best.keras")) == before
 
 
+def test_results_of_a_shorter_run_do_not_mark_a_longer_one_finished(data_dir, uninterrupted,
+                                                                      tmp_path):
+    """--epochs raised, the extra epoch trained and checkpointed, then the final save failed (a
+    full disk): results.json still holds the shorter run's. The rerun must write the final files
+    again, not report the old results as this run's."""
+    shutil.copytree(os.path.join(uninterrupted, "run"), tmp_path / "run")
+    stale = results(str(tmp_path))
+    stale.update(global_step=stale["global_step"] - stale["steps_per_epoch"], epochs=EPOCHS - 1)
+    (tmp_path / "run" / "results.json").write_text(json.dumps(stale))
+    os.remove(tmp_path / "run" / "latest.keras")
+    again = run_to_end(flags(data_dir, str(tmp_path)))
+    assert "already holds a finished run" not in again.stdout
+    assert results(str(tmp_path))["global_step"] == EPOCHS * stale["steps_per_epoch"]
+    assert (tmp_path / "run" / "latest.keras").exists()
+    assert_same_run(str(tmp_path), uninterrupted)  # and nothing was trained twice
+
+
 def data_dir_of(run_dir):
     return json.loads(open(os.path.join(run_dir, "run", "config.json")).read())["data_dir"]
 
@@ -200,8 +218,6 @@ def test_run_folder_of_another_dataset_with_as_many_classes_is_refused(
         data_dir, uninterrupted, tmp_path):
     # Same class count, other class ids: resuming (or "already finished") would export the old
     # model under the new dataset's class names.
-    import shutil
-
     from tests.kaggle_tree import IMAGE_ROOT
 
     other = tmp_path / "other"

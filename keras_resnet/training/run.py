@@ -400,7 +400,11 @@ def _train(config, runtime):
     if runtime.writer:
         write_json_atomic(os.path.join(runtime.model_dir, CONFIG_JSON), config.to_dict())
     previous = read_json(os.path.join(runtime.model_dir, report.RESULTS_JSON))
-    if trainer.start_epoch >= config.epochs and previous is not None:
+    # Finished only when results.json describes this very checkpoint: after `--epochs` was raised,
+    # a final save or export that failed (a full disk, say) leaves the shorter run's results.json
+    # beside a longer run's checkpoint, and finish() must run again.
+    if (trainer.start_epoch >= config.epochs and previous is not None
+            and previous.get("global_step") == trainer.global_step):
         print(f"{runtime.model_dir} already holds a finished run of {config.epochs} epochs: "
               f"{json.dumps(previous)}\nRaise --epochs to train further.", flush=True)
         return previous
