@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from keras_resnet import logs  # no TensorFlow import
+from keras_resnet import files, logs  # no TensorFlow import
 from keras_resnet.training.config import Config  # no TensorFlow import
 
 HELP = {
@@ -150,6 +150,13 @@ def main(argv):
         return _fail(e)
     except train.Interrupted as e:  # already logged; not finished, so not exit status 0
         return e.exit_status
+    except Exception as e:  # a full disk, from Python's writes or TensorFlow's (an OpError)
+        message = files.no_space_message(
+            e, config.resolved_model_dir,
+            "training resumes from its last checkpoint; what was written before is kept")
+        if message is None:
+            raise
+        return _fail(message)
     return 0
 
 

@@ -27,7 +27,7 @@ import sys
 
 from absl import flags
 
-from keras_resnet import cli, logs
+from keras_resnet import cli, files, logs
 from keras_resnet.serving import deploy, formats
 
 
@@ -119,8 +119,13 @@ def main(flag_values, args):
         written = fmt.writer(model, destination, image_size=image_size, class_ids=class_ids,
                              class_names=class_names, calibration=calibration,
                              resize_size=resize_size)
-    except (ValueError, TypeError, OSError, ImportError, DataError) as e:
-        return cli.fail(str(e).splitlines()[0])
+    except Exception as e:
+        message = files.no_space_message(e, os.path.dirname(os.path.abspath(destination)),
+                                         "the previous export there is kept")
+        if message is None and not isinstance(e, (ValueError, TypeError, OSError, ImportError,
+                                                  DataError)):
+            raise
+        return cli.fail(message or str(e).splitlines()[0])
     print(written)
     return 0
 

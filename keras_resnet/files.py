@@ -10,6 +10,7 @@ No TensorFlow import: the download and the data sources use this module too.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -21,6 +22,35 @@ import warnings
 
 TMP_PREFIX = ".tmp-"
 _TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-")
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = tuple(os.strerror(code) for code in _NO_SPACE)  # as TensorFlow's errors say it
+# TensorFlow's file errors read "... <path>; No space left on device [Op:SaveV2]".
+_PATH_IN_TEXT = re.compile(r"(\S+); (?:" + "|".join(map(re.escape, _NO_SPACE_TEXT)) + ")")
+
+
+def no_space_message(error, where, then):
+    """One line for a write that failed for lack of disk space (an OSError ENOSPC or EDQUOT, or
+    TensorFlow's ResourceExhaustedError from a file write, which says 'No space left on device');
+    None for any other error. `where`: the folder to name when the error names no path; `then`:
+    what running the same command again does."""
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        path = error.filename
+    elif any(text in str(error) for text in _NO_SPACE_TEXT):
+        found = _PATH_IN_TEXT.search(str(error))
+        path = found.group(1) if found else None
+    else:
+        return None
+    while path and _is_temporary(os.path.basename(path)):  # name the folder a user knows
+        path = os.path.dirname(path)
+    return (f"no space left on device writing {path or where}; free space and run the same "
+            f"command again ({then}).")
+
+
+def _is_temporary(name):
+    """Our temporaries, and TensorFlow's checkpoint ones (`ckpt-8_temp/part-...tempstate...`)."""
+    return name.startswith(TMP_PREFIX) or name.endswith("_temp") or "tempstate" in name
 
 
 def temp_name(path):

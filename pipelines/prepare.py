@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -41,7 +40,7 @@ import numpy as np
 from absl import flags
 
 from keras_resnet import cli
-from keras_resnet.files import atomic_path, remove_stale_temps, write_bytes_atomic
+from keras_resnet.files import atomic_path, no_space_message, remove_stale_temps, write_bytes_atomic
 from pipelines import formats, sources
 from pipelines.layout import DataError
 
@@ -397,9 +396,17 @@ def _check_space(out, plan):
                for s, info in plan["splits"].items())
     free = shutil.disk_usage(out).free
     if free < left * SPACE_MARGIN:
-        raise DataError(f"no space for the shards: {out} has {free / 2**30:.1f} GiB free, the "
-                        f"rest of the dataset needs about {left / 2**30:.1f} GiB; free space and "
-                        "run the same command again (finished shards are kept)")
+        raise DataError(f"no space for the shards: {out} has {_size(free)} free, the rest of "
+                        f"the dataset needs about {_size(left)}; free space and run the same "
+                        "command again (finished shards are kept)")
+
+
+def _size(n):
+    """1.5 GiB, 12.0 MiB, 40.2 KiB: a small dataset's need is not '0.0 GiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def _write_tasks(out, plan, image_root, tasks, workers, stop_after):
@@ -551,17 +558,11 @@ def main(flag_values, args):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except Exception as e:  # a full disk, from Python's writes or TensorFlow's (an OpError)
+        message = no_space_message(e, v.out, "finished shards are kept")
+        if message is None:
             raise
-        print(f"error: no space left writing {v.out}: free space and run the same command "
-              "again (finished shards are kept)", file=sys.stderr)
-        return 1
-    except Exception as e:  # TensorFlow reports a full disk as an OpError
-        if "No space left" not in str(e):
-            raise
-        print(f"error: no space left writing {v.out}: free space and run the same command "
-              "again (finished shards are kept)", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     counts = ", ".join(f"{s} {i['num_examples']:,} images in {i['num_shards']} shards"
                        for s, i in plan["splits"].items())

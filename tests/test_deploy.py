@@ -265,7 +265,9 @@ def test_a_failed_export_leaves_the_previous_file_and_no_temporaries(sharp, tmp_
         with monkeypatch.context() as patch:
             patch.setattr(os, "replace", crash)
             assert _export(model_path, fmt, str(output)) == 1
-        assert "No space left on device" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err == (f"error: no space left on device writing {tmp_path}; free space and run "
+                       "the same command again (the previous export there is kept).\n")
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, fmt
         for p in tmp_path.iterdir():
             p.unlink()

@@ -144,7 +144,20 @@ def test_bad_outputs_and_inputs_give_one_line_errors_and_keep_the_dataset(tree, 
                         f"--shard_mb={SHARD_MB}", "--workers=1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no space for the shards" in err[0]
+    assert " has 0.1 KiB free, the rest of the dataset needs about " in err[0]
+    assert not err[0].split("needs about ")[1].startswith("0.0 ")  # a tiny dataset, in MiB
     assert not any(".tfrecord-" in n for n in os.listdir(tmp_path / "full"))
+    monkeypatch.undo()
+    # The disk fills while writing (the estimate is from the source files' sizes): one line.
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "full" / "train.tfrecord-00001"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare, "prepare", disk_full)
+        assert prepare.run([f"--data_dir={tree['root']}", f"--out={tmp_path / 'full'}"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: no space left on device writing {tmp_path / 'full' / 'train.tfrecord-00001'}; "
+        "free space and run the same command again (finished shards are kept).\n")
     # Run again on a complete dataset: nothing rewritten.
     prepare.prepare(tree["root"], copy, shard_mb=SHARD_MB, workers=1)
     assert _dataset_files(copy) == before

@@ -98,6 +98,72 @@ def test_bad_flags_give_one_line_errors(flag, expected):
     assert result.stderr.startswith("error: ") and expected in result.stderr
 
 
+SAVE_FAILED = ("{{function_node __wrapped__SaveV2_dtypes_103_device_/job:localhost/replica:0/task:0"
+               "/device:CPU:0}} /runs/r18/checkpoints/ckpt-8_temp/part-00000-of-00001.data-00000"
+               "-of-00001.tempstate7; No space left on device [Op:SaveV2]")
+
+
+def test_a_full_disk_is_one_line_that_says_to_rerun(monkeypatch, capsys):
+    """A checkpoint save on a full disk raised a 50-line traceback; now one line naming the folder
+    and what a rerun does. Another error, a GPU out of memory included, still propagates."""
+    import tensorflow as tf
+
+    import train_main
+    from keras_resnet.training import run as train
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    raised = []
+
+    def fail(config):
+        raise raised[-1]
+
+    monkeypatch.setattr(train, "train_and_evaluate", fail)
+    try:
+        train_main.FLAGS(["train_main.py", "--dataset=synthetic", "--model_dir=/runs/r18"])
+        raised.append(tf.errors.ResourceExhaustedError(None, None, SAVE_FAILED))
+        assert train_main.main(["train_main.py"]) == 2
+        assert capsys.readouterr().err == (
+            "error: no space left on device writing /runs/r18/checkpoints; free space and run the "
+            "same command again (training resumes from its last checkpoint; what was written "
+            "before is kept).\n")
+        raised.append(OSError(28, "No space left on device", "/runs/r18/.tmp-7-ab12-latest.keras"))
+        assert train_main.main(["train_main.py"]) == 2
+        assert "error: no space left on device writing /runs/r18; free space" in \
+            capsys.readouterr().err
+        raised.append(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
+        with pytest.raises(tf.errors.ResourceExhaustedError, match="OOM"):
+            train_main.main(["train_main.py"])
+    finally:
+        train_main.FLAGS.unparse_flags()
+
+
+def test_folders_of_failed_checkpoint_saves_are_removed_when_the_run_restarts(tmp_path):
+    """A save that failed (a full disk) leaves TensorFlow's `ckpt-N_temp/` folder, up to a whole
+    checkpoint; the next run's writer removes it, keeps the checkpoints, and saves anew."""
+    import keras
+    import tensorflow as tf
+
+    from keras_resnet.training import checkpoint as ckpt_lib
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    optimizer = keras.optimizers.SGD(0.1)
+    directory = tmp_path / "checkpoints"
+    ckpt_lib.TrainingCheckpoint(model, optimizer, str(directory)).save(0, 4)
+    failed = directory / "ckpt-8_temp"
+    failed.mkdir()
+    (failed / "part-00000-of-00001.data-00000-of-00001.tempstate77").write_bytes(b"x" * 100)
+    restarted = ckpt_lib.TrainingCheckpoint(model, optimizer, str(directory))
+    assert not failed.exists()
+    assert restarted.restore() == (0, 4)
+    assert sorted(p.name for p in directory.iterdir() if p.name.startswith("ckpt-0.")) == [
+        "ckpt-0.data-00000-of-00001", "ckpt-0.index"]
+    # A worker that does not write leaves the chief's folder alone.
+    failed.mkdir()
+    ckpt_lib.TrainingCheckpoint(model, optimizer, str(directory), write=False)
+    assert failed.exists()
+    assert tf.train.latest_checkpoint(str(directory)).endswith("ckpt-0")
+
+
 def test_data_dir_defaults_per_dataset():
     assert Config(dataset="imagenet").resolved_data_dir == "data/imagenet"
     assert Config(dataset="demo").resolved_data_dir == "data/demo"  # never inside data/imagenet

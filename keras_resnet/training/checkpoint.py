@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import math
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -121,6 +122,7 @@ class TrainingCheckpoint:
         self.restore_directory = directory
         if write:
             self.directory = directory
+            _remove_failed_saves(directory)
         else:
             self.directory = tempfile.mkdtemp(prefix="ckpt-worker-")
             atexit.register(shutil.rmtree, self.directory, ignore_errors=True)
@@ -147,6 +149,29 @@ class TrainingCheckpoint:
         self.epoch.assign(epoch)
         self.step_in_epoch.assign(step_in_epoch)
         return self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
+
+
+def _remove_failed_saves(directory):
+    """Deletes what saves that failed (a full disk, a kill) left: TensorFlow writes a checkpoint
+    into `<prefix>_temp/` and renames its files when done, and a failed save leaves the folder,
+    up to a whole checkpoint's size, forever. No reader looks there (the index names the
+    checkpoints). Only the run's one writer calls this: it holds the run folder's lock."""
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if _FAILED_SAVE.match(entry):
+            path = os.path.join(directory, entry)
+            logging.info("Removing %s, left by a checkpoint save that did not finish.", path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+
+
+_FAILED_SAVE = re.compile(r"ckpt-\d+_temp")
 
 
 class StopRequest:
