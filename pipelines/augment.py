@@ -16,7 +16,8 @@ Why not Keras 3.15's `keras.layers.RandAugment`, `MixUp`, `CutMix`, `RandomErasi
   torchvision's fixed magnitude bin, and computes the random
   parameters of all 11 ops for every image (slower);
 - MixUp/CutMix draw one lambda per *example* and mix with a random permutation; torchvision's
-  recipe draws one lambda per batch, pairs each image with its neighbour (roll by one) and
+  recipe draws one lambda per batch, pairs each image with its neighbour (roll by one; by more
+  under repeated augmentation, see dataset.mix_shift) and
   corrects the cutmix lambda to the pasted area after clipping;
 - RandomErasing erases with a fixed value in the input range; torchvision erases after
   normalisation with 0 (the mean colour here, as our images are uint8 before normalisation).
@@ -407,18 +408,20 @@ def cutmix_box(height, width, lam, seed):
             tf.maximum(r_x - half_w, 0), tf.minimum(r_x + half_w, width))
 
 
-def mix_batch(images, labels, seed, mix: BatchMix, num_classes: int):
+def mix_batch(images, labels, seed, mix: BatchMix, num_classes: int, shift: int = 1):
     """Mixup or cutmix of a uint8 batch [B, H, W, 3] with int labels [B] -> (uint8 images,
     float32 soft labels [B, num_classes] summing to 1).
 
-    Each image is mixed with the previous one in the batch (torchvision rolls by one) with one
-    lambda per batch; cutmix's lambda is the kept area after clipping the box. Mixed pixels are
-    rounded to uint8 (at most 0.5/255 from the float mix; the labels are exact).
+    Each image is mixed with the one `shift` places before it in the batch (wrapping round) with
+    one lambda per batch; torchvision rolls by one (shift=1). A larger shift keeps repeated
+    augmentation's copies, which sit next to each other, from being each other's partner.
+    cutmix's lambda is the kept area after clipping the box. Mixed pixels are rounded to uint8
+    (at most 0.5/255 from the float mix; the labels are exact).
     """
     apply_seed, switch_seed, lam_seed, box_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 4))
     one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
-    rolled_images, rolled_labels = tf.roll(images, 1, axis=0), tf.roll(one_hot, 1, axis=0)
+    rolled_images, rolled_labels = tf.roll(images, shift, axis=0), tf.roll(one_hot, shift, axis=0)
 
     def mixup():
         lam = sample_beta(lam_seed, mix.mixup_alpha)

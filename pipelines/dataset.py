@@ -119,8 +119,9 @@ def _file_positions(num_examples, examples_per_epoch, seed, start_epoch, num_epo
 
     repeats=R (repeated augmentation, torchvision's RASampler): position p reads the file at
     permutation index p // R, so each file drawn in an epoch comes R times in a row, at R
-    consecutive positions that go to different input pipelines (p % num_pipelines) and get
-    different augmentation seeds; the epoch length is unchanged (it covers 1/R of the files).
+    consecutive positions that go to different input pipelines (p % num_pipelines) when there
+    are at least R of them, and get different augmentation seeds; the epoch length is unchanged
+    (it covers 1/R of the files). Mixing keeps the copies apart (mix_shift).
     """
     chunk = max(1, math.ceil(examples_per_epoch / CHUNKS_PER_EPOCH))
     chunks = math.ceil(examples_per_epoch / chunk)
@@ -141,6 +142,24 @@ def _file_positions(num_examples, examples_per_epoch, seed, start_epoch, num_epo
 
     # A range source lets a tf.data service split the work by chunk (dynamic sharding).
     return tf.data.Dataset.range(skip // chunk, num_epochs * chunks).flat_map(chunk_positions)
+
+
+def mix_shift(repeats: int, num_pipelines: int, batch_size: int) -> int:
+    """How far mixup/cutmix rolls a pipeline's batch to find each image's partner.
+
+    Without repeated augmentation 1, torchvision's roll. With repeats=R the R copies of an image
+    are R consecutive positions of the epoch; a pipeline keeps every num_pipelines-th one, so its
+    copies are ceil(R / num_pipelines) consecutive places of its own stream, and rolling by that
+    many pairs each image with another image (the copies of one image never mix with each other,
+    which would leave their label one-hot). A batch may start in the middle of a group of copies;
+    the partners are still in another group. A batch shorter than twice that shift cannot keep
+    the wrapped-round partners apart; it rolls by half its size, the partner as far away as the
+    batch allows (some images may then mix with a copy of themselves).
+    """
+    shift = -(-repeats // num_pipelines)  # ceil
+    if batch_size < 2 * shift:
+        shift = max(1, batch_size // 2)
+    return shift
 
 
 def _record_positions(records, examples_per_epoch, seed, start_epoch, num_epochs, skip,
@@ -317,6 +336,8 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     after crop and flip, seeded per example like the crop.
     mix: an augment.BatchMix; each pipeline's batch is mixed with a seed drawn from (seed, epoch,
     position of its first example), and labels become float32 [B, num_classes] soft labels.
+    Each image's partner is the one before it in the batch, or mix_shift(repeated_aug, ...)
+    places before it with repeated augmentation, so that it is not a copy of the same image.
     repeated_aug: R >= 1, each file drawn in an epoch is seen R times (RASampler); files only.
     """
     steps = steps_per_epoch(split.num_examples, global_batch_size)
@@ -351,6 +372,8 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     if mix is not None and not num_classes:
         raise ValueError("mix needs num_classes (the width of the soft labels)")
     crop = dict(area_range=tuple(crop_area_range), aspect_range=tuple(crop_aspect_range))
+    # Repeated augmentation puts an image's copies side by side: mix each with another image.
+    shift = mix_shift(repeated_aug, num_pipelines, batch_size)
 
     def train_image(raw, epoch, pos):
         example_seed = _example_seed(seed, epoch, pos)
@@ -367,7 +390,7 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         first = tf.argmin(tf.cast(epochs, tf.int64) * examples_per_epoch
                           + tf.cast(positions, tf.int64))
         batch_seed = _example_seed(seed, epochs[first], positions[first], _MIX_SALT)
-        return augment_lib.mix_batch(images, labels, batch_seed, mix, num_classes)
+        return augment_lib.mix_batch(images, labels, batch_seed, mix, num_classes, shift)
 
     has_files, image_bytes = _has_files(split), None
     if has_files:

@@ -291,3 +291,50 @@ def test_train_dataset_mixes_batches_with_soft_labels(file_split):
     for (x, y), (want_x, want_y) in zip(skipped, first[1:], strict=False):
         np.testing.assert_array_equal(x, want_x)
         np.testing.assert_array_equal(y, want_y)
+
+
+def mixed_and_plain_labels(split, repeats, num_pipelines, mix):
+    """Pipeline 0's batches over 8 epochs: (soft labels after mixing, the int labels of the
+    same positions without mixing). File i has label i, so a label names its source image."""
+    ctx = None if num_pipelines == 1 else tf.distribute.InputContext(
+        num_input_pipelines=num_pipelines, input_pipeline_id=0, num_replicas_in_sync=num_pipelines)
+
+    def batches(**extra):
+        return ds_lib.build_train_dataset(
+            split, global_batch_size=8, image_size=8, seed=5, num_epochs=8, input_context=ctx,
+            deterministic=True, repeated_aug=repeats, **extra)
+
+    soft = np.concatenate([np.asarray(y) for _, y in batches(mix=mix, num_classes=16)])
+    plain = np.concatenate([np.asarray(y) for _, y in batches()])
+    return soft, plain
+
+
+@pytest.mark.parametrize("num_pipelines", [1, 2])
+def test_repeated_copies_are_not_mixed_with_each_other(file_split, num_pipelines):
+    # R=4: the 4 copies of an image are consecutive in the stream (2 per batch of 4 with two
+    # pipelines). Rolling by one, as torchvision does with the copies on different GPUs, paired
+    # most of them with a copy of themselves, leaving 0.75 (one pipeline) / 0.5 (two) of the
+    # labels one-hot; rolling by mix_shift pairs every image with another one.
+    mixup = A.BatchMix(mixup_alpha=1.0)  # lambda ~ U(0, 1): never exactly 1
+    soft, plain = mixed_and_plain_labels(file_split, 4, num_pipelines, mixup)
+    assert len(plain) == 128 // num_pipelines
+    for row, own in zip(soft, plain, strict=True):
+        sources = set(np.flatnonzero(row > 1e-6))
+        assert own in sources and len(sources) == 2, (own, row)  # a partner, not itself
+    # The recipe's mix (mixup 0.2 / cutmix 1.0): lambda is 1 now and then (an empty box), and
+    # close to 1 often with mixup 0.2. Measured one-hot share (one / two pipelines): 0.78 / 0.56
+    # rolling by one, 0.125 / 0.125 now, as without repeated augmentation.
+    recipe = A.BatchMix(mixup_alpha=0.2, cutmix_alpha=1.0)
+    soft, _ = mixed_and_plain_labels(file_split, 4, num_pipelines, recipe)
+    one_hot = np.mean(soft.max(axis=1) > 1 - 1e-6)
+    assert one_hot < 0.2, one_hot
+
+
+def test_mix_shift_keeps_copies_apart():
+    assert ds_lib.mix_shift(1, 1, 8) == 1  # torchvision's roll by one
+    assert ds_lib.mix_shift(4, 1, 8) == 4
+    assert ds_lib.mix_shift(4, 2, 4) == 2  # each pipeline holds 2 consecutive copies
+    assert ds_lib.mix_shift(3, 2, 8) == 2
+    assert ds_lib.mix_shift(4, 4, 8) == 1  # every copy on its own pipeline
+    assert ds_lib.mix_shift(4, 1, 6) == 3  # batch < 2R: the farthest partner it has
+    assert ds_lib.mix_shift(4, 1, 1) == 1
