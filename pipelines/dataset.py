@@ -67,13 +67,13 @@ def _pipeline_layout(global_batch_size, input_context):
             input_context.get_per_replica_batch_size(global_batch_size))
 
 
-def _has_files(split) -> bool:
+def has_files(split) -> bool:
     return split.files is not None and len(split.files) > 0
 
 
 def encoded_bytes_estimate(split, sample: int = 1000) -> int:
     """About how many bytes the split's files hold (sizes of an even sample of them x count)."""
-    if not _has_files(split):
+    if not has_files(split):
         return 0
     files = np.asarray(split.files)
     picked = files[np.linspace(0, len(files) - 1, min(sample, len(files))).astype(int)]
@@ -84,7 +84,7 @@ def split_fingerprint(split, *extra) -> str:
     """A short hash of the split's files and labels (and `extra`): names cache files, so a cache
     written for another file list, labelling or image size is never read back."""
     digest = hashlib.sha256(repr(extra).encode())
-    if _has_files(split):
+    if has_files(split):
         digest.update("\n".join(map(str, split.files)).encode())
         digest.update(np.asarray(split.labels, np.int64).tobytes())
     elif getattr(split, "shards", None) is not None:
@@ -365,7 +365,7 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     skip = skip_steps * global_batch_size
     total = (num_epochs * examples_per_epoch - skip) // num_pipelines
 
-    if repeated_aug > 1 and not _has_files(split):
+    if repeated_aug > 1 and not has_files(split):
         raise ValueError("repeated_aug needs a file split (records splits have no permutation)")
     augment = augment if augment is not None and augment.active else None
     mix = mix if mix is not None and mix.active else None
@@ -392,8 +392,8 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         batch_seed = _example_seed(seed, epochs[first], positions[first], _MIX_SALT)
         return augment_lib.mix_batch(images, labels, batch_seed, mix, num_classes, shift)
 
-    has_files, image_bytes = _has_files(split), None
-    if has_files:
+    from_files, image_bytes = has_files(split), None
+    if from_files:
         files = tf.constant(np.asarray(split.files, dtype=str))
         image_bytes = _cached_bytes(np.asarray(split.files, dtype=str), cache) if cache else None
         labels = tf.constant(np.asarray(split.labels, dtype=np.int64))
@@ -469,7 +469,7 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         return keep(train_image(raw, epoch, pos), tf.cast(label, tf.int64), epoch, pos)
 
     def examples(first_epoch, epochs, skip_positions, job_suffix):
-        if has_files:
+        if from_files:
             ds = _file_positions(split.num_examples, examples_per_epoch, seed, first_epoch,
                                  epochs, skip_positions, pipeline_id, num_pipelines, repeated_aug)
             # Positions per pipeline come in batch-sized groups, aligned with the batches.
@@ -511,7 +511,7 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
     ds = ds.prefetch(AUTOTUNE)
     # A records split keeps tf.data's order everywhere, inside TFDS's reader too (its parsing
     # map follows this option): positions are counted on the records' order.
-    return ds.with_options(_options(deterministic or not has_files,
+    return ds.with_options(_options(deterministic or not from_files,
                                     sharded=input_context is not None))
 
 
@@ -534,7 +534,7 @@ def build_eval_dataset(split, *, global_batch_size: int, image_size: int, input_
     resize_size: shorter side before the center crop (0: image_size * 256/224).
     """
     pipeline_id, num_pipelines, batch_size = _pipeline_layout(global_batch_size, input_context)
-    if _has_files(split):
+    if has_files(split):
         ds = tf.data.Dataset.from_tensor_slices(
             (np.asarray(split.files, dtype=str), np.asarray(split.labels, dtype=np.int64)))
         ds = ds.shard(num_pipelines, pipeline_id).map(lambda f, y: (tf.io.read_file(f), y))

@@ -4,6 +4,7 @@ an interrupted prepare finishing to the same bytes, bad output directories, reco
 of the shard stream, per-pipeline shard ownership, equality with the files, ram:// paths."""
 
 import collections
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -161,6 +162,19 @@ def test_bad_outputs_and_inputs_give_one_line_errors_and_keep_the_dataset(tree, 
     # Run again on a complete dataset: nothing rewritten.
     prepare.prepare(tree["root"], copy, shard_mb=SHARD_MB, workers=1)
     assert _dataset_files(copy) == before
+
+
+def test_repeated_augmentation_of_records_is_refused_at_once(out):
+    """Shards are read in record order: there is no file permutation to repeat from. It raised a
+    traceback from the input pipeline, after the model was built."""
+    from keras_resnet.training import inputs
+    from keras_resnet.training.config import Config
+
+    config = Config(dataset="shards", data_dir=out, repeated_aug=2, batch_size=4)
+    with pytest.raises(inputs.UserError, match=r"^--repeated_aug=2 needs a dataset of image files "
+                       r".*--dataset=shards is read as records: use --repeated_aug=1"):
+        inputs.load_data(config)
+    assert inputs.load_data(dataclasses.replace(config, repeated_aug=1)).steps_per_epoch > 0
 
 
 def test_round_robin_state():

@@ -134,6 +134,10 @@ def test_norm_weight_decay_adds_l2_on_gamma_and_beta():
     (dict(crop_aspect_range=("2", "1")), "--crop_aspect_range=2,1"),
     (dict(auto_augment="autoaugment"), "--auto_augment='autoaugment'"),
     (dict(ema_decay=1.0), "--ema_decay=1.0"),
+    (dict(mixup_alpha=float("inf")), "--mixup_alpha=inf; use a finite number"),  # NaN labels
+    (dict(crop_aspect_range=("0.1", "inf")), "--crop_aspect_range=0.1,inf; use a finite number"),
+    (dict(label_smoothing=float("nan")), "--label_smoothing=nan; use a finite number"),
+    (dict(ra_num_ops=100000), "--ra_num_ops=100000; use 1..16"),  # unrolled in the graph
 ])
 def test_recipe_flags_are_validated(flags, message):
     with pytest.raises(ValueError) as info:

@@ -194,6 +194,30 @@ def test_results_of_a_shorter_run_do_not_mark_a_longer_one_finished(data_dir, un
     assert_same_run(str(tmp_path), uninterrupted)  # and nothing was trained twice
 
 
+def test_a_resume_with_other_training_flags_says_so_and_records_it(data_dir, tmp_path):
+    """It goes on (a user may mean it), but no longer as if never stopped: a warning names the
+    flags, flag_changes.json keeps them with the step. Turning EMA on is refused, naming --ema."""
+    run_dir = str(tmp_path)
+    args = flags(data_dir, run_dir, epochs=1, label_smoothing=0.1)
+    code, _ = start_and_kill_at(args, step=3)
+    assert code == -signal.SIGKILL
+    killed_at = latest_step(run_dir)
+    refused = subprocess.run([sys.executable, os.path.join(REPO, "train_main.py"), *args,
+                              "--ema", "--ema_every_steps=1"],
+                             capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {os.path.join(run_dir, 'run')} was started with --ema=false: resume with "
+        "--ema=false, or use another --model_dir.")
+    resumed = run_to_end([*args, "--label_smoothing=0.3", "--checkpoint_every_steps=2"])
+    assert ("Resuming with changed flags (--label_smoothing 0.1 -> 0.3): from global step "
+            f"{killed_at} the run differs") in resumed.stdout + resumed.stderr
+    changes = json.loads(open(os.path.join(run_dir, "run", "flag_changes.json")).read())
+    assert changes == [{"global_step": killed_at, "changed": {"label_smoothing": [0.1, 0.3]}}]
+    config = json.loads(open(os.path.join(run_dir, "run", "config.json")).read())
+    assert config["label_smoothing"] == 0.3 and config["checkpoint_every_steps"] == 2
+
+
 def data_dir_of(run_dir):
     return json.loads(open(os.path.join(run_dir, "run", "config.json")).read())["data_dir"]
 

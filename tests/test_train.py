@@ -98,6 +98,20 @@ def test_bad_flags_give_one_line_errors(flag, expected):
     assert result.stderr.startswith("error: ") and expected in result.stderr
 
 
+@pytest.mark.slow
+def test_an_ema_that_would_never_update_is_refused(tmp_path):
+    """14 steps with an update every 32: best.keras and the export would have been the initial
+    weights, with no word said."""
+    result = run_main("--dataset=synthetic", "--depth=18", "--image_size=32", "--batch_size=2",
+                      "--epochs=2", "--steps_per_epoch=7", "--ema", "--ema_every_steps=32",
+                      f"--model_dir={tmp_path / 'run'}", "--export=false")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --ema updates the average every 32 steps (--ema_every_steps) but this run has 14 "
+        "steps in all; use --ema_every_steps=3 or train longer.")
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
 SAVE_FAILED = ("{{function_node __wrapped__SaveV2_dtypes_103_device_/job:localhost/replica:0/task:0"
                "/device:CPU:0}} /runs/r18/checkpoints/ckpt-8_temp/part-00000-of-00001.data-00000"
                "-of-00001.tempstate7; No space left on device [Op:SaveV2]")

@@ -7,11 +7,13 @@ label smoothing 0.1, weight decay 1e-4 on kernels only, zero-init of the last BN
 """
 
 import dataclasses
+import math
 import os
 
 from keras_resnet.constants import DEPTHS, VARIANTS
 from pipelines.formats import SCREENS
 
+MAX_RA_OPS = 16
 DATASETS = ("imagenet", "demo", "shards", "synthetic")  # plus "tfds:NAME"
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -228,6 +230,12 @@ class Config:
             if not ok:
                 raise ValueError(message)
 
+        for field in dataclasses.fields(self):  # inf or nan passes `>= 0` or slips through
+            value = getattr(self, field.name)
+            numbers = [v for v in (value if isinstance(value, tuple) else (value,))
+                       if isinstance(v, float)]
+            check(all(math.isfinite(v) for v in numbers),
+                  f"--{field.name}={','.join(f'{v:g}' for v in numbers)}; use a finite number.")
         check(self.depth in DEPTHS,
               f"--depth={self.depth} is not a ResNet depth; valid: {', '.join(map(str, DEPTHS))}.")
         check(self.variant in VARIANTS, f"--variant={self.variant!r}; valid: {', '.join(VARIANTS)}.")
@@ -305,7 +313,9 @@ class Config:
         check(0 < lo <= hi, f"--crop_aspect_range={lo:g},{hi:g}; use 0 < min <= max.")
         check(self.auto_augment in AUTO_AUGMENTS,
               f"--auto_augment={self.auto_augment!r}; valid: '' (off), ta_wide, randaugment.")
-        check(self.ra_num_ops >= 1, f"--ra_num_ops={self.ra_num_ops}; use >= 1.")
+        # Each op is unrolled into the input graph; the RandAugment paper uses 1 to 3.
+        check(1 <= self.ra_num_ops <= MAX_RA_OPS,
+              f"--ra_num_ops={self.ra_num_ops}; use 1..{MAX_RA_OPS}.")
         check(0 <= self.ra_magnitude <= 30, f"--ra_magnitude={self.ra_magnitude}; use 0..30.")
         for name in ("random_erase", "mix_switch_prob", "mix_prob"):
             value = getattr(self, name)

@@ -58,6 +58,11 @@ def load_data(config, writer=True):
                         "classifier needs at least 2: "
                         + ("add a folder per class under train/." if config.resolved_data_dir
                            else "use a dataset with several classes."))
+    if config.repeated_aug > 1 and not ds_lib.has_files(source.train):
+        raise UserError(f"--repeated_aug={config.repeated_aug} needs a dataset of image files "
+                        f"(its copies come from the file permutation); --dataset="
+                        f"{config.dataset} is read as records: use --repeated_aug=1, or train "
+                        "on the image folders (--dataset=imagenet).")
     logging.info("Dataset %s: %d classes, %d train, %d val images.", source.name,
                  len(source.class_ids), source.train.num_examples,
                  source.val.num_examples if source.val else 0)

@@ -192,6 +192,11 @@ def build(config, runtime, data):
                 _write_classes(runtime.model_dir, data)
             start_epoch, start_step = ckpt.restore()
         except ckpt_lib.CheckpointMismatchError as e:
+            started = read_json(os.path.join(runtime.model_dir, CONFIG_JSON)) or {}
+            if started.get("ema", config.ema) != config.ema:  # the average is in the checkpoint
+                ema = str(started["ema"]).lower()
+                raise UserError(f"{runtime.model_dir} was started with --ema={ema}: resume with "
+                                f"--ema={ema}, or use another --model_dir.") from None
             raise UserError(str(e)) from None
     if start_step >= data.steps_per_epoch:  # a checkpoint of a longer epoch; start the next one
         start_epoch, start_step = start_epoch + 1, 0
@@ -379,6 +384,39 @@ def _best_metrics(model_dir):
 
 # ----- the whole run ----------------------------------------------------------------------------
 
+# Flags that change where files go, what is shown or how fast it runs, not what is trained
+# (`--epochs`: raising it is how a finished run trains further; `--init_from` is ignored once a run
+# has a checkpoint).
+_RUN_ONLY_FLAGS = frozenset({
+    "data_dir", "cache", "check_images", "tf_data_service", "epochs", "validation_steps",
+    "model_dir", "export_dir", "export", "distribution", "tpu", "jit_compile", "deterministic",
+    "checkpoint_every_steps", "checkpoint_every_secs", "keep_checkpoints", "verbose",
+    "progress_every_secs", "init_from", "summary", "gpu_memory_gib"})
+FLAG_CHANGES_JSON = "flag_changes.json"
+
+
+def _note_changed_flags(config, model_dir, trainer):
+    """A run resumed with other training flags (mixup, smoothing, sizes, ...) goes on, but no
+    longer as if never stopped: say so, and keep each change with its step in flag_changes.json
+    (config.json holds the flags now in force)."""
+    started = read_json(os.path.join(model_dir, CONFIG_JSON))
+    if not started or not (trainer.start_epoch or trainer.start_step):
+        return
+    now = config.to_dict()
+    changed = {name: [started[name], value] for name, value in now.items()
+               if name in started and name not in _RUN_ONLY_FLAGS and started[name] != value}
+    if not changed:
+        return
+    logging.warning("Resuming with changed flags (%s): from global step %d the run differs from "
+                    "one never stopped; recorded in %s.",
+                    ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()),
+                    trainer.global_step, FLAG_CHANGES_JSON)
+    path = os.path.join(model_dir, FLAG_CHANGES_JSON)
+    history = read_json(path) or []
+    history.append({"global_step": trainer.global_step, "changed": changed})
+    write_json_atomic(path, history)
+
+
 def train_and_evaluate(config):
     """Trains `config`, resuming from `model_dir` when it holds a checkpoint; returns results."""
     config.validate()
@@ -394,17 +432,26 @@ def train_and_evaluate(config):
 
 def _train(config, runtime):
     data = inputs.load_data(config, runtime.writer)
+    total_steps = config.epochs * data.steps_per_epoch
+    if config.ema and total_steps < config.ema_every_steps:
+        # The average would never be updated: best.keras and the export would be the initial
+        # (or pretrained, with a random head) weights.
+        raise UserError(f"--ema updates the average every {config.ema_every_steps} steps "
+                        f"(--ema_every_steps) but this run has {total_steps} steps in all; use "
+                        f"--ema_every_steps={max(1, total_steps // 4)} or train longer.")
     if runtime.writer:
         inputs.write_skipped_report(data, runtime.model_dir)
     trainer = build(config, runtime, data)
-    if runtime.writer:
-        write_json_atomic(os.path.join(runtime.model_dir, CONFIG_JSON), config.to_dict())
     previous = read_json(os.path.join(runtime.model_dir, report.RESULTS_JSON))
     # Finished only when results.json describes this very checkpoint: after `--epochs` was raised,
     # a final save or export that failed (a full disk, say) leaves the shorter run's results.json
     # beside a longer run's checkpoint, and finish() must run again.
-    if (trainer.start_epoch >= config.epochs and previous is not None
-            and previous.get("global_step") == trainer.global_step):
+    finished = (trainer.start_epoch >= config.epochs and previous is not None
+                and previous.get("global_step") == trainer.global_step)
+    if runtime.writer and not finished:  # a finished run keeps the flags it ran with
+        _note_changed_flags(config, runtime.model_dir, trainer)
+        write_json_atomic(os.path.join(runtime.model_dir, CONFIG_JSON), config.to_dict())
+    if finished:
         print(f"{runtime.model_dir} already holds a finished run of {config.epochs} epochs: "
               f"{json.dumps(previous)}\nRaise --epochs to train further.", flush=True)
         return previous
