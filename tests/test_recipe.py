@@ -171,6 +171,18 @@ def test_presets_parse_validate_and_print_one_recipe_block():
 
 
 
+def test_synthetic_data_says_the_data_flags_are_not_applied():
+    lines = Config(dataset="synthetic", mixup_alpha=0.2, auto_augment="ta_wide",
+                   repeated_aug=4, random_erase=0.5).recipe_lines()
+    shown = {line.split("  ")[0]: line.split("  ", 1)[1].strip() for line in lines}
+    for name in ("train crop", "auto augment", "random erasing", "mixup / cutmix",
+                 "repeated augmentation"):
+        assert shown[name] == "not applied (--dataset=synthetic)"
+    assert shown["label smoothing"] != "not applied (--dataset=synthetic)"  # the loss still is
+    on_files = dict(line.split("  ", 1) for line in Config(auto_augment="ta_wide").recipe_lines())
+    assert on_files["auto augment"].strip() == "ta_wide"
+
+
 @pytest.mark.parametrize("name", ["resnet_v2", "resnet_short"])
 def test_summary_of_a_fixres_preset_counts_at_the_training_size(name):
     """A FixRes model takes any size; --summary counts it at the training size and says so (it

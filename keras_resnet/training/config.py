@@ -216,6 +216,11 @@ class Config:
                     f"steps (--ema_decay={self.ema_decay:g}), warm-up "
                     f"{'on' if self.ema_warmup else 'off'}" if self.ema else "off"),
         ]
+        if self.dataset == "synthetic":  # random tensors: no crop, augmentation or mixing runs
+            data_rows = {"train crop", "auto augment", "random erasing", "mixup / cutmix",
+                         "repeated augmentation"}
+            rows = [(name, "not applied (--dataset=synthetic)" if name in data_rows else value)
+                    for name, value in rows]
         width = max(len(name) for name, _ in rows)
         return [f"{name:<{width}}  {value}" for name, value in rows]
 
