@@ -520,6 +520,8 @@ def test_log_file_gets_progress_lines_not_a_progress_bar(tmp_path):
         for step in (1, 2, 3):
             line = next(x for x in lines if x.startswith(f"epoch {epoch}/2 step {step}/3 "))
             assert "loss " in line and "images/s, epoch ends in 0:00:" in line, line
+            # The whole run's end too, before the last epoch.
+            assert (", training in 0:00:" in line) is (epoch == 1), line
         assert any(x.startswith(f"epoch {epoch}/2 done in 0:") and "top1" in x for x in lines)
     assert "\x1b[" not in result.stdout and "\b" not in result.stdout
 

@@ -64,10 +64,14 @@ class ProgressLog(keras.callbacks.Callback):
             return
         self._last = now
         step, elapsed = self.step_offset + self._done, now - self._start
-        eta = (self.steps_per_epoch - step) * elapsed / self._done
+        per_step = elapsed / self._done
+        eta = (self.steps_per_epoch - step) * per_step
+        # The later epochs at this epoch's pace (their validation not counted).
+        later = (self.epochs - self._epoch - 1) * self.steps_per_epoch * per_step
         print(f"epoch {self._epoch + 1}/{self.epochs} step {step}/{self.steps_per_epoch} "
               f"{_metrics(logs)}, {self._done * self.global_batch_size / elapsed:.1f} images/s, "
-              f"epoch ends in {_duration(eta)}", flush=True)
+              f"epoch ends in {_duration(eta)}"
+              + (f", training in {_duration(eta + later)}" if later else ""), flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         self.step_offset = 0  # later epochs of the same fit call start at step 0
