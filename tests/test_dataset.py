@@ -281,7 +281,7 @@ def test_a_batch_spanning_two_epochs_has_a_mix_seed_of_its_own(split, tmp_path, 
             (np.array(files), np.arange(len(files)))).map(lambda f, y: (tf.io.read_file(f), y))
 
     # Each batch returns its mix seed instead of mixing.
-    monkeypatch.setattr(augment, "mix_batch", lambda images, labels, seed, mix, num_classes: (
+    monkeypatch.setattr(augment, "mix_batch", lambda images, labels, seed, *mix_args: (
         images, tf.tile(seed[None], [tf.shape(labels)[0], 1])))
     ds = dataset.build_train_dataset(
         FakeSplit(None, None, records, len(files)), global_batch_size=BATCH, image_size=SIZE,
