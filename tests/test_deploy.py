@@ -333,6 +333,32 @@ def test_a_file_never_sits_beside_another_exports_class_names(sharp, tmp_path, f
 
 # --- the class names inside a LiteRT file --------------------------------------------------------
 
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_export_survives_a_garbage_collection_before_the_conversion(sharp, tmp_path, fmt,
+                                                                    monkeypatch):
+    """The traced function refers to the deployed copy's variables weakly: the copy must stay
+    alive until the converter is done. A collection at that moment (the collector runs when it
+    likes) failed the export with 'referencing variables which have been deleted'."""
+    import gc
+
+    if fmt == "onnx":
+        from tensorflow.python.framework import convert_to_constants as module
+        name = "convert_variables_to_constants_v2"
+    else:
+        module, name = deploy.require("openvino", "openvino"), "convert_model"
+    real = getattr(module, name)
+
+    def collect_first(*args, **kwargs):
+        gc.collect()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, collect_first)
+    _, model_path = sharp
+    output = tmp_path / f"m.{'onnx' if fmt == 'onnx' else 'xml'}"
+    assert _export(model_path, fmt, str(output)) == 0
+    assert output.exists()
+
+
 @pytest.mark.parametrize("fmt", ["litert", "litert_int8"])
 def test_litert_metadata_changes_no_output(sharp, tmp_path, fmt):
     from keras_resnet.serving import litert

@@ -62,8 +62,11 @@ def to_onnx(model, *, image_size, meta):
         convert_variables_to_constants_v2,
     )
 
-    frozen = convert_variables_to_constants_v2(
-        deploy.serving_function(model, image_size).get_concrete_function())
+    # `serve` must outlive the conversion: the concrete function refers to the deployed copy's
+    # variables only weakly, and a temporary `serve` freed by the garbage collector mid-way
+    # failed the export ("referencing variables which have been deleted"), now and then.
+    serve = deploy.serving_function(model, image_size)
+    frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
     (input_name,) = [t.name for t in frozen.inputs]
     (output_name,) = [t.name for t in frozen.outputs]
     with _quiet_tf2onnx():

@@ -25,8 +25,8 @@ def write_openvino(model, output, *, image_size, class_ids, class_names, calibra
     """Writes `output` (.xml), the weights beside it (.bin) and `<output>.json`; returns `output`.
     The files are replaced as a unit (`write_ir`)."""
     ov = deploy.require("openvino", "openvino")
-    ov_model = ov.convert_model(
-        deploy.serving_function(model, image_size).get_concrete_function())
+    serve = deploy.serving_function(model, image_size)  # alive until converted (onnx.to_onnx)
+    ov_model = ov.convert_model(serve.get_concrete_function())
     return write_ir(ov_model, output, deploy.metadata(
         fmt="openvino", image_size=image_size, class_ids=class_ids, class_names=class_names,
         resize_size=resize_size))
