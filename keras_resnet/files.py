@@ -26,8 +26,11 @@ _TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-")
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_SPACE_TEXT = tuple(os.strerror(code) for code in _NO_SPACE)  # as TensorFlow's errors say it
-# TensorFlow's file errors read "... <path>; No space left on device [Op:SaveV2]".
-_PATH_IN_TEXT = re.compile(r"(\S+); (?:" + "|".join(map(re.escape, _NO_SPACE_TEXT)) + ")")
+# TensorFlow's file errors read "{{function_node ...}} <path>; No space left on device [Op:...]"
+# (the path may hold spaces); elsewhere, the word before "; No space ...".
+_NO_SPACE_ALTERNATIVES = "(?:" + "|".join(map(re.escape, _NO_SPACE_TEXT)) + ")"
+_PATH_IN_TEXT = (re.compile(r"\}\}\s*([^;{}]+); " + _NO_SPACE_ALTERNATIVES),
+                 re.compile(r"(\S+); " + _NO_SPACE_ALTERNATIVES))
 
 
 def no_space_message(error, where, then):
@@ -38,12 +41,14 @@ def no_space_message(error, where, then):
     if isinstance(error, OSError) and error.errno in _NO_SPACE:
         path = error.filename
     elif any(text in str(error) for text in _NO_SPACE_TEXT):
-        found = _PATH_IN_TEXT.search(str(error))
+        found = next(filter(None, (p.search(str(error)) for p in _PATH_IN_TEXT)), None)
         path = found.group(1) if found else None
     else:
         return None
-    while path and _is_temporary(os.path.basename(path)):  # name the folder a user knows
-        path = os.path.dirname(path)
+    if path:  # the folder a user knows: the one above the first temporary in the path
+        parts = path.split(os.sep)
+        temporary = next((i for i, part in enumerate(parts) if _is_temporary(part)), len(parts))
+        path = os.sep.join(parts[:temporary]) or None
     return (f"no space left on device writing {path or where}; free space and run the same "
             f"command again ({then}).")
 

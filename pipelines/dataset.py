@@ -373,7 +373,9 @@ def build_train_dataset(split, *, global_batch_size: int, image_size: int, seed:
         raise ValueError("mix needs num_classes (the width of the soft labels)")
     crop = dict(area_range=tuple(crop_area_range), aspect_range=tuple(crop_aspect_range))
     # Repeated augmentation puts an image's copies side by side: mix each with another image.
-    shift = mix_shift(repeated_aug, num_pipelines, batch_size)
+    # The tf.data service interleaves its workers' streams in the order they finish, so no fixed
+    # shift skips the copies there: torchvision's roll by one (its workers' streams alternate).
+    shift = 1 if data_service else mix_shift(repeated_aug, num_pipelines, batch_size)
 
     def train_image(raw, epoch, pos):
         example_seed = _example_seed(seed, epoch, pos)

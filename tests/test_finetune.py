@@ -88,8 +88,29 @@ def test_init_from_replaces_classifier_of_other_class_count(tmp_path):
     np.testing.assert_array_equal(model.get_layer("bn1").moving_mean.numpy(),
                                   sd["bn1.running_mean"])
     wrong_depth = build_resnet(34, num_classes=3, input_shape=(32, 32, 3))
-    with pytest.raises(ValueError, match="--depth=34 but the file holds depth=18"):
+    with pytest.raises(ValueError, match="--depth=34 but the file holds depth=18. Pass the "
+                       "file's: --depth=18.$"):
         finetune.init_from(wrong_depth, str(path), num_classes=3)
+
+
+def test_init_from_a_file_that_records_another_variant_is_refused(monkeypatch):
+    """A .keras file or run folder says v1 or v1.5; loading a v1 ResNet-50 into the default v1.5
+    model fit every shape and gave other outputs, silently. Files that record no variant (torch
+    ones) load as before."""
+    from keras_resnet.model import weights
+
+    sd = ref.random_state_dict(50, 3, seed=2)
+    model = build_resnet(50, num_classes=3, input_shape=(32, 32, 3), variant="v1.5")
+    recorded = {}
+    monkeypatch.setattr(weights, "read_state_dict", lambda path: (sd, recorded))
+    recorded["variant"] = "v1"
+    with pytest.raises(weights.WeightsError, match=r"^r50\.keras holds a v1 ResNet-50 \(stride on "
+                       r"the first 1x1 conv\) but this run builds v1\.5: pass --variant=v1\.$"):
+        finetune.init_from(model, "r50.keras", num_classes=3, variant="v1.5")
+    recorded["variant"] = "v1.5"
+    assert "all weights" in finetune.init_from(model, "r50.keras", num_classes=3, variant="v1.5")
+    recorded.clear()  # a torchvision file: no variant to check
+    assert "all weights" in finetune.init_from(model, "r50.pth", num_classes=3, variant="v1.5")
 
 
 @pytest.mark.parametrize("values, message", [

@@ -171,13 +171,22 @@ def test_presets_parse_validate_and_print_one_recipe_block():
 
 
 
+def test_recipe_block_names_the_fine_tuning():
+    def shown(**values):
+        return dict(line.split("  ", 1) for line in Config(**values).recipe_lines())
+
+    assert "fine-tuning" not in shown()
+    row = shown(init_from="r50.pth", trainable_from="stage3", head_lr_multiplier=10)["fine-tuning"]
+    assert row.strip() == "from r50.pth, frozen stem+stage1+stage2, head learning rate x10"
+
+
 def test_synthetic_data_says_the_data_flags_are_not_applied():
     lines = Config(dataset="synthetic", mixup_alpha=0.2, auto_augment="ta_wide",
                    repeated_aug=4, random_erase=0.5).recipe_lines()
     shown = {line.split("  ")[0]: line.split("  ", 1)[1].strip() for line in lines}
-    for name in ("train crop", "auto augment", "random erasing", "mixup / cutmix",
-                 "repeated augmentation"):
+    for name in ("auto augment", "random erasing", "mixup / cutmix", "repeated augmentation"):
         assert shown[name] == "not applied (--dataset=synthetic)"
+    assert shown["train crop"] == "224 px random tensors, no crop"  # the size still applies
     assert shown["label smoothing"] != "not applied (--dataset=synthetic)"  # the loss still is
     on_files = dict(line.split("  ", 1) for line in Config(auto_augment="ta_wide").recipe_lines())
     assert on_files["auto augment"].strip() == "ta_wide"

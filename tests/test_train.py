@@ -144,6 +144,16 @@ def test_a_full_disk_is_one_line_that_says_to_rerun(monkeypatch, capsys):
         assert train_main.main(["train_main.py"]) == 2
         assert "error: no space left on device writing /runs/r18; free space" in \
             capsys.readouterr().err
+        # A path with a space; a temporary inside a temporary: the folder above the first one.
+        from keras_resnet import files
+
+        spaced = SAVE_FAILED.replace("/runs/r18/", "/data/my runs/r18/")
+        assert "writing /data/my runs/r18/checkpoints;" in files.no_space_message(
+            tf.errors.ResourceExhaustedError(None, None, spaced), "/x", "y")
+        nested = "{{function_node f}} out/r18/.tmp-12-ab12cd34-export/variables/v.data; " \
+                 "No space left on device [Op:SaveV2]"
+        assert "writing out/r18;" in files.no_space_message(
+            tf.errors.ResourceExhaustedError(None, None, nested), "/x", "y")
         raised.append(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
         with pytest.raises(tf.errors.ResourceExhaustedError, match="OOM"):
             train_main.main(["train_main.py"])
@@ -176,6 +186,30 @@ def test_folders_of_failed_checkpoint_saves_are_removed_when_the_run_restarts(tm
     ckpt_lib.TrainingCheckpoint(model, optimizer, str(directory), write=False)
     assert failed.exists()
     assert tf.train.latest_checkpoint(str(directory)).endswith("ckpt-0")
+
+
+@pytest.mark.parametrize("started, now", [(True, False), (False, True)])
+def test_a_resume_must_keep_ema_as_it_started(tmp_path, started, now):
+    """Either way: off -> on failed in the restore with a message about 'ema/...' variables, and
+    on -> off restored without a word (best.keras then held EMA weights, results.json said ema
+    false)."""
+    import keras
+
+    from keras_resnet.files import write_json_atomic
+    from keras_resnet.training import checkpoint as ckpt_lib
+    from keras_resnet.training import run
+
+    write_json_atomic(str(tmp_path / "config.json"), {"ema": started, "depth": 18})
+    checkpoints = str(tmp_path / "checkpoints")
+    run._check_ema_as_started(Config(ema=now), str(tmp_path), checkpoints)  # nothing to resume
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    ckpt_lib.TrainingCheckpoint(model, keras.optimizers.SGD(0.1), checkpoints).save(0, 1)
+    with pytest.raises(run.UserError) as info:
+        run._check_ema_as_started(Config(ema=now), str(tmp_path), checkpoints)
+    flag = str(started).lower()
+    assert str(info.value) == (f"{tmp_path} was started with --ema={flag}: resume with "
+                               f"--ema={flag}, or use another --model_dir.")
+    run._check_ema_as_started(Config(ema=started), str(tmp_path), checkpoints)
 
 
 def test_data_dir_defaults_per_dataset():
@@ -524,6 +558,22 @@ def test_log_file_gets_progress_lines_not_a_progress_bar(tmp_path):
             assert (", training in 0:00:" in line) is (epoch == 1), line
         assert any(x.startswith(f"epoch {epoch}/2 done in 0:") and "top1" in x for x in lines)
     assert "\x1b[" not in result.stdout and "\b" not in result.stdout
+
+
+def test_progress_eta_leaves_out_the_first_steps_tracing(monkeypatch, capsys):
+    """The first step traces (or compiles) the training step: 50 s here, then 1 s a step. The
+    ETAs go by the later steps' pace; they had multiplied the first step's time over the run."""
+    from keras_resnet.training import callbacks
+
+    clock = iter([0.0, 50.0, 51.0, 52.0])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    log = callbacks.ProgressLog(steps_per_epoch=10, epochs=2, global_batch_size=4, every_secs=1e-9)
+    log.on_epoch_begin(0)
+    for batch in range(3):
+        log.on_train_batch_end(batch, {"loss": 1.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == ("epoch 1/2 step 3/10 loss 1, 0.2 images/s, epoch ends in 0:00:07, "
+                         "training in 0:00:17")
 
 
 MIRRORED_RUN = r"""

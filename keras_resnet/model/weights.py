@@ -243,12 +243,14 @@ def detect(state_dict, path="the file"):
 
 def check_architecture(found, *, depth=None, conv_bias=None, path="the file"):
     """Raises WeightsError when the caller's depth / conv_bias contradict the file's."""
-    wrong = [f"--{name}={want} but the file holds {name}={found[name]}"
-             for name, want in (("depth", depth), ("conv_bias", conv_bias))
+    wrong = [(name, want) for name, want in (("depth", depth), ("conv_bias", conv_bias))
              if want is not None and want != found[name]]
     if wrong:
-        raise WeightsError(f"{path} does not fit: {'; '.join(wrong)}. Pass the file's values (or "
-                           "omit them: they are read from the file).")
+        flags = " ".join(f"--{name}={str(found[name]).lower()}" for name, _ in wrong)
+        raise WeightsError(f"{path} does not fit: "
+                           + "; ".join(f"--{name}={str(want).lower()} but the file holds "
+                                       f"{name}={str(found[name]).lower()}" for name, want in wrong)
+                           + f". Pass the file's: {flags}.")
 
 
 # ----------------------------------------------------------------------------- into a model

@@ -56,15 +56,20 @@ class ProgressLog(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._done = epoch, 0
         self._start = self._last = time.monotonic()
+        self._first_end = None
 
     def on_train_batch_end(self, batch, logs=None):
         self._done = batch + 1
         now = time.monotonic()
+        if self._done == 1:
+            self._first_end = now
         if not self.every_secs or now - self._last < self.every_secs:
             return
         self._last = now
         step, elapsed = self.step_offset + self._done, now - self._start
-        per_step = elapsed / self._done
+        # The pace without the first step, which includes tracing (and XLA compiling) the step.
+        per_step = ((now - self._first_end) / (self._done - 1) if self._done > 1
+                    else elapsed)
         eta = (self.steps_per_epoch - step) * per_step
         # The later epochs at this epoch's pace (their validation not counted).
         later = (self.epochs - self._epoch - 1) * self.steps_per_epoch * per_step

@@ -161,7 +161,7 @@ def _remove_failed_saves(directory):
     except FileNotFoundError:
         return
     for entry in entries:
-        if _FAILED_SAVE.match(entry):
+        if _FAILED_SAVE.fullmatch(entry):
             path = os.path.join(directory, entry)
             logging.info("Removing %s, left by a checkpoint save that did not finish.", path)
             if os.path.isdir(path):

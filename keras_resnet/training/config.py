@@ -216,10 +216,18 @@ class Config:
                     f"steps (--ema_decay={self.ema_decay:g}), warm-up "
                     f"{'on' if self.ema_warmup else 'off'}" if self.ema else "off"),
         ]
+        if self.init_from or self.frozen_groups or self.head_lr_multiplier != 1.0:
+            rows.append(("fine-tuning", ", ".join(filter(None, [
+                f"from {self.init_from}" if self.init_from else "",
+                f"frozen {'+'.join(self.frozen_groups)}" if self.frozen_groups else "",
+                f"head learning rate x{self.head_lr_multiplier:g}"
+                if self.head_lr_multiplier != 1.0 else ""]))))
         if self.dataset == "synthetic":  # random tensors: no crop, augmentation or mixing runs
-            data_rows = {"train crop", "auto augment", "random erasing", "mixup / cutmix",
+            data_rows = {"auto augment", "random erasing", "mixup / cutmix",
                          "repeated augmentation"}
-            rows = [(name, "not applied (--dataset=synthetic)" if name in data_rows else value)
+            rows = [(name, "not applied (--dataset=synthetic)" if name in data_rows
+                     else f"{self.resolved_train_image_size} px random tensors, no crop"
+                     if name == "train crop" else value)
                     for name, value in rows]
         width = max(len(name) for name, _ in rows)
         return [f"{name:<{width}}  {value}" for name, value in rows]

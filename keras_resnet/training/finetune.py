@@ -51,14 +51,23 @@ def freeze(model, groups):
     return frozen
 
 
-def init_from(model, path, *, num_classes):
-    """Loads the weights at `path` into `model` (built for `num_classes`). Returns a one-line
-    description of what was loaded. Raises WeightsError for a file that does not fit."""
-    state, _ = weights.read_state_dict(path)
+def init_from(model, path, *, num_classes, variant=None):
+    """Loads the weights at `path` into `model` (built for `num_classes`, and `variant`). Returns
+    a one-line description of what was loaded. Raises WeightsError for a file that does not fit.
+
+    A .keras file or a run folder records its variant; a torchvision or timm file does not (the
+    same weights fit both, with other strides), so only the former can be checked."""
+    state, known = weights.read_state_dict(path)
     found = weights.detect(state, path)
     depth = int(model.name.removeprefix("resnet")) if model.name.startswith("resnet") else None
     conv_bias = model.get_layer("conv1").use_bias
     weights.check_architecture(found, depth=depth, conv_bias=conv_bias, path=path)
+    if (variant and known.get("variant") and known["variant"] != variant
+            and found["depth"] >= 50):  # basic blocks have no variants
+        raise weights.WeightsError(
+            f"{path} holds a {known['variant']} ResNet-{found['depth']} (stride on the "
+            f"{'first 1x1' if known['variant'] == 'v1' else '3x3'} conv) but this run builds "
+            f"{variant}: pass --variant={known['variant']}.")
     keep = found["num_classes"] == num_classes
     weights.load_state_dict(model, state, keep_classifier=keep, path=path)
     if keep:

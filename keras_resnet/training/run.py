@@ -190,13 +190,9 @@ def build(config, runtime, data):
             if runtime.writer:
                 ckpt_lib.check_run_identity(runtime.model_dir, identity)
                 _write_classes(runtime.model_dir, data)
+            _check_ema_as_started(config, runtime.model_dir, checkpoint_dir)
             start_epoch, start_step = ckpt.restore()
         except ckpt_lib.CheckpointMismatchError as e:
-            started = read_json(os.path.join(runtime.model_dir, CONFIG_JSON)) or {}
-            if started.get("ema", config.ema) != config.ema:  # the average is in the checkpoint
-                ema = str(started["ema"]).lower()
-                raise UserError(f"{runtime.model_dir} was started with --ema={ema}: resume with "
-                                f"--ema={ema}, or use another --model_dir.") from None
             raise UserError(str(e)) from None
     if start_step >= data.steps_per_epoch:  # a checkpoint of a longer epoch; start the next one
         start_epoch, start_step = start_epoch + 1, 0
@@ -223,11 +219,14 @@ def _init_from(config, model, data, resuming):
                    f"{config.init_from} is ignored (it only starts a new run).")
     else:
         try:
-            message = finetune.init_from(model, config.init_from, num_classes=data.num_classes)
+            message = finetune.init_from(model, config.init_from, num_classes=data.num_classes,
+                                         variant=config.variant)
         except ValueError as e:
             raise UserError(f"--init_from: {e}") from None
-    logging.info(message)
-    print(message, flush=True)
+    if logging.level_info():
+        logging.info(message)
+    else:  # absl's INFO lines off (called as a library): the line still shows, once
+        print(message, flush=True)
 
 
 def segments(start_epoch, start_step, epochs):
@@ -384,14 +383,26 @@ def _best_metrics(model_dir):
 
 # ----- the whole run ----------------------------------------------------------------------------
 
+def _check_ema_as_started(config, model_dir, checkpoint_dir):
+    """A run resumes with --ema as it started: its checkpoints hold the average or not. (Turning
+    it off restored without complaint, leaving best.keras with EMA weights and results.json
+    saying ema false; turning it on failed in the restore with a message about 'ema/...'.)"""
+    started = read_json(os.path.join(model_dir, CONFIG_JSON)) or {}
+    if ("ema" in started and started["ema"] != config.ema
+            and tf.train.latest_checkpoint(checkpoint_dir)):
+        ema = str(started["ema"]).lower()
+        raise UserError(f"{model_dir} was started with --ema={ema}: resume with --ema={ema}, or "
+                        "use another --model_dir.")
+
+
 # Flags that change where files go, what is shown or how fast it runs, not what is trained
 # (`--epochs`: raising it is how a finished run trains further; `--init_from` is ignored once a run
-# has a checkpoint).
+# has a checkpoint, and `--zero_init_residual` only sets the initial weights).
 _RUN_ONLY_FLAGS = frozenset({
     "data_dir", "cache", "check_images", "tf_data_service", "epochs", "validation_steps",
     "model_dir", "export_dir", "export", "distribution", "tpu", "jit_compile", "deterministic",
     "checkpoint_every_steps", "checkpoint_every_secs", "keep_checkpoints", "verbose",
-    "progress_every_secs", "init_from", "summary", "gpu_memory_gib"})
+    "progress_every_secs", "init_from", "zero_init_residual", "summary", "gpu_memory_gib"})
 FLAG_CHANGES_JSON = "flag_changes.json"
 
 
