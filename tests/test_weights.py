@@ -105,6 +105,16 @@ def test_strided_tensors_read_like_torch(tmp_path):
     assert np.array_equal(got["t"], base.t().numpy())
     assert np.array_equal(got["slice"], base[1:3, 2:5].numpy())
     assert got["scalar"].shape == () and got["scalar"] == 7
+    # An expanded view (stride 0) is copied out whole: a small one reads like torch, a large one
+    # (a 1.5 KB file asking for 100 MB and more) is refused before anything is allocated.
+    torch.save({"small": torch.ones(1).expand(30, 40)}, tmp_path / "expanded.pth")
+    assert np.array_equal(torch_format.read_torch_file(str(tmp_path / "expanded.pth"))["small"],
+                          np.ones((30, 40), np.float32))
+    torch.save({"big": torch.zeros(1).expand(5000, 5000)}, tmp_path / "bomb.pth")
+    assert (tmp_path / "bomb.pth").stat().st_size < 4000
+    with pytest.raises(WeightsError, match=r"a tensor of size \(5000, 5000\) repeats its "
+                       r"1-element storage \(an expanded view\)"):
+        torch_format.read_torch_file(str(tmp_path / "bomb.pth"))
 
 
 # ------------------------------------------------------------------------ writing: round trips
@@ -218,7 +228,8 @@ def test_missing_truncated_and_foreign_files(tmp_path):
         "truncated": (str(tmp_path / "cut.pth"), "truncated"),
         "not_resnet": (_save_numpy_torch({"encoder.weight": np.zeros(3, np.float32)},
                                          str(tmp_path / "other.pth")), "not a ResNet"),
-        "garbage": (str(tmp_path / "junk.safetensors"), "not a readable safetensors"),
+        "garbage": (str(tmp_path / "junk.safetensors"),
+                    r"not a readable safetensors file \(.*\); download or save it again\.$"),
     }
     with open(cases["truncated"][0], "wb") as f:
         f.write(data[: len(data) // 2])

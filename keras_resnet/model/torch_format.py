@@ -16,6 +16,7 @@ writes), which `torch.load(path, weights_only=True)` reads.
 
 import collections
 import io
+import math
 import pickle
 import zipfile
 
@@ -47,6 +48,9 @@ def _bf16_to_f32(raw):
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+MAX_REPEATED_ELEMENTS = 1 << 24  # 16 Mi elements, 64 MiB of float32
+
+
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None,
                        metadata=None):
     """`torch._utils._rebuild_tensor_v2` for NumPy: a strided view of the storage, copied."""
@@ -61,6 +65,14 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks
                            f"({storage.size} elements); the file is damaged or truncated.")
     if not all(size):
         return np.zeros(size, storage.dtype)
+    # A view that repeats its storage (stride 0, torch's `expand`) is copied out whole: a few
+    # bytes on disk could ask for any amount of memory. Weights are never such views; small
+    # ones are let through, a large one is refused.
+    elements = math.prod(size)
+    if elements > storage.size and elements > MAX_REPEATED_ELEMENTS:
+        raise WeightsError(f"a tensor of size {size} repeats its {storage.size:,}-element "
+                           "storage (an expanded view); ResNet weights are not: not a ResNet "
+                           "state dict.")
     item = storage.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:], size, [s * item for s in stride])
     return np.array(view)

@@ -106,7 +106,7 @@ def _read_safetensors(path):
         if "bf16" in str(e).lower() or "bfloat16" in str(e).lower():
             return _read_safetensors_bf16(path)
         raise WeightsError(f"{path} is not a readable safetensors file ("
-                           f"{str(e).splitlines()[0][:120]}).") from None
+                           f"{str(e).splitlines()[0][:120]}); download or save it again.") from None
 
 
 def _read_safetensors_bf16(path):
