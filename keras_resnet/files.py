@@ -78,10 +78,16 @@ def atomic_path(path):
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.lexists(tmp):
-            os.remove(tmp)
+        remove_path(tmp)
+
+
+def remove_path(path):
+    """Removes the file, link or folder (with its contents) at `path`, if there is one."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def _umask():
@@ -209,12 +215,7 @@ def remove_stale_temps(directory, names=None):
             continue
         if names is not None and entry[m.end():].split("-", 1)[-1] not in names:
             continue
-        path = os.path.join(directory, entry)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+        remove_path(os.path.join(directory, entry))
         removed += 1
     return removed
 

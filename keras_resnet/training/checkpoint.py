@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_resnet.files import atomic_path, read_json, write_json_atomic
+from keras_resnet.files import atomic_path, read_json, remove_path, write_json_atomic
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_MODEL = "best.keras"
@@ -164,11 +164,7 @@ def _remove_failed_saves(directory):
         if _FAILED_SAVE.fullmatch(entry):
             path = os.path.join(directory, entry)
             logging.info("Removing %s, left by a checkpoint save that did not finish.", path)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+            remove_path(path)
 
 
 _FAILED_SAVE = re.compile(r"ckpt-\d+_temp")
