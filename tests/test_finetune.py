@@ -93,6 +93,19 @@ def test_init_from_replaces_classifier_of_other_class_count(tmp_path):
         finetune.init_from(wrong_depth, str(path), num_classes=3)
 
 
+def test_init_from_a_detection_backbone_names_its_prefix(tmp_path):
+    sd = ref.random_state_dict(18, 10, seed=4)
+    backbone = {f"backbone.body.{k}": v for k, v in sd.items() if not k.startswith("fc.")}
+    path = tmp_path / "maskrcnn.pth"
+    path.write_bytes(torch_format.torch_file_bytes({"model": backbone, "epoch": 26}))
+    model = _model(num_classes=3)
+    message = finetune.init_from(model, str(path), num_classes=3)
+    assert message == (f"Initialised from {path} (the ResNet under 'backbone.body.'); it has "
+                       "no classifier, so the classifier is newly initialised.")
+    np.testing.assert_array_equal(model.get_layer("conv1").kernel.numpy(),
+                                  sd["conv1.weight"].transpose(2, 3, 1, 0))
+
+
 def test_init_from_a_file_that_records_another_variant_is_refused(monkeypatch):
     """A .keras file or run folder says v1 or v1.5; loading a v1 ResNet-50 into the default v1.5
     model fit every shape and gave other outputs, silently. Files that record no variant (torch

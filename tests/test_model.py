@@ -131,6 +131,58 @@ def test_keras_save_load_round_trip(tmp_path):
     assert len(loaded.losses) == len(model.losses) == 21
 
 
+_PLAIN_LOAD = """
+import json, sys
+import keras, numpy as np
+model = keras.saving.load_model(sys.argv[1])
+images = np.load(sys.argv[2])
+print(json.dumps({"backend": keras.backend.backend(),
+                  "ours": sorted(m for m in sys.modules if m.startswith("keras_resnet")),
+                  "probs": keras.ops.convert_to_numpy(model(images, training=False)).tolist()}))
+"""
+
+
+def test_saved_keras_file_loads_without_this_package_on_another_backend(tmp_path):
+    """best.keras / latest.keras are for anyone with Keras 3: plain `keras.saving.load_model`
+    reads them on the torch backend without importing keras_resnet, with the same outputs; our
+    own loader gets the fused layers back (and still reads files that name them)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    from keras_resnet.model import layers, weights
+    from keras_resnet.training.checkpoint import save_keras_atomic
+
+    model = build_resnet(18, NUM_CLASSES, (32, 32, 3), include_preprocessing=True, dropout=0.2,
+                         l2=5e-5)
+    load_torchvision_state_dict(model, ref.random_state_dict(18, NUM_CLASSES, seed=3))
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
+    expected = model.predict(images, verbose=0)
+    path = save_keras_atomic(model, str(tmp_path / "best.keras"))
+    with zipfile.ZipFile(path) as archive:
+        assert "keras_resnet" not in archive.read("config.json").decode()
+    np.save(tmp_path / "images.npy", images)
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", _PLAIN_LOAD, path, str(tmp_path / "images.npy")],
+                         env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "torch" and result["ours"] == []
+    np.testing.assert_allclose(result["probs"], expected, rtol=0, atol=1e-5)
+
+    old = tmp_path / "old.keras"  # as earlier versions wrote it: our class names in the config
+    model.save(old)
+    for loaded in (weights.load_keras(path), weights.load_keras(str(old))):
+        kinds = {type(x) for x in loaded.layers}
+        assert layers.FusedBatchNormalization in kinds
+        assert keras.layers.BatchNormalization not in kinds
+        assert all(isinstance(x.kernel_regularizer, layers.L1L2)
+                   for x in loaded.layers if isinstance(x, keras.layers.Conv2D))
+        assert len(loaded.losses) == len(model.losses) == 21
+        np.testing.assert_array_equal(loaded.predict(images, verbose=0), expected)
+
+
 def test_zero_init_residual_zeroes_last_bn_of_each_block():
     for depth, last_bn in ((18, "bn2"), (50, "bn3")):
         model = build_resnet(depth, NUM_CLASSES, (32, 32, 3), zero_init_residual=True)

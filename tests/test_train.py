@@ -574,6 +574,16 @@ def test_progress_eta_leaves_out_the_first_steps_tracing(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == ("epoch 1/2 step 3/10 loss 1, 0.2 images/s, epoch ends in 0:00:07, "
                          "training in 0:00:17")
+    # Validation took 30 s after epoch 1; it counts once more for epoch 2 (not for its steps).
+    clock = iter([60.0, 90.0, 100.0, 110.0, 111.0, 112.0])
+    log.on_test_begin()
+    log.on_test_end()
+    log.on_epoch_begin(1)
+    for batch in range(3):
+        log.on_train_batch_end(batch, {"loss": 1.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == ("epoch 2/2 step 3/10 loss 1, 1.0 images/s, epoch ends in 0:00:07, "
+                         "training in 0:00:37")
 
 
 MIRRORED_RUN = r"""

@@ -251,6 +251,33 @@ def test_other_architecture_lists_keys(tmp_path):
                                            r"fc\.weight \(checkpoint \(7, 2048\), model \(7, 512\)\)") as e:
         weights.load_state_dict(model, weights.read_state_dict(path)[0], path=path)
     assert "\n" not in str(e.value)
+    assert "start from torchvision or timm resnet18/34/50/101/152 weights." in str(e.value)
+
+
+def test_resnet_under_a_backbone_prefix_is_found(tmp_path):
+    """A detection model's backbone (torchvision's `backbone.body.`, no classifier, beside its
+    own heads) loads; a checkpoint with two ResNets (MoCo's query and key encoders) is refused
+    naming both prefixes."""
+    sd = ref.random_state_dict(18, NUM_CLASSES, seed=6)
+    body = {f"backbone.body.{k}": v for k, v in sd.items() if not k.startswith("fc.")}
+    heads = {"backbone.fpn.inner_blocks.0.0.weight": np.ones((256, 64, 1, 1), np.float32),
+             "rpn.head.conv.0.0.weight": np.ones((256, 256, 3, 3), np.float32)}
+    path = _torch_save({**body, **heads}, str(tmp_path / "fasterrcnn.pth"), nest="model")
+    state, known = weights.read_state_dict(path)
+    assert known["prefix"] == "backbone.body."
+    assert sorted(state) == sorted(k for k in sd if not k.startswith("fc."))
+    assert weights.detect(state) == {"depth": 18, "conv_bias": False, "num_classes": None}
+    model = build_resnet(18, num_classes=3, input_shape=(SIZE, SIZE, 3))
+    weights.load_state_dict(model, state, keep_classifier=False, path=path)
+    np.testing.assert_array_equal(model.get_layer("stage4_block2_bn2").moving_variance.numpy(),
+                                  sd["layer4.1.bn2.running_var"])
+
+    moco = {f"module.encoder_{q}.{k}": v for q in "qk" for k, v in sd.items()}
+    path = _save_numpy_torch(moco, str(tmp_path / "moco.pth"), nest="state_dict")
+    with pytest.raises(WeightsError, match=r"holds 2 ResNets \(under 'encoder_k\.', "
+                                           r"'encoder_q\.'\); save the one") as e:
+        weights.read_state_dict(path)
+    assert "\n" not in str(e.value)
 
 
 def test_detects_depth_classes_and_bias():

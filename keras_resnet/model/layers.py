@@ -62,3 +62,50 @@ class L1L2(keras.regularizers.L1L2):
         import tensorflow as tf
 
         return tf.cast(2.0 * self.l2, x.dtype) * tf.nn.l2_loss(x)
+
+
+# Our classes and the Keras built-ins they stand in for (same config, variables and maths).
+_BUILTINS = {"FusedBatchNormalization": ("keras.layers", "BatchNormalization"),
+             "L1L2": ("keras.regularizers", "L1L2")}
+_OURS = {builtin: (__name__, ours) for ours, (_, builtin) in _BUILTINS.items()}
+
+
+def _replace_classes(config, table):
+    """`config` (a Keras serialization) with every object whose class is a key of `table` named
+    as its value (module, class name) instead."""
+    if isinstance(config, list):
+        return [_replace_classes(item, table) for item in config]
+    if not isinstance(config, dict):
+        return config
+    config = {key: _replace_classes(value, table) for key, value in config.items()}
+    target = table.get(config.get("class_name"))
+    if target and "module" in config and "config" in config:
+        module, name = target
+        config.update(module=module, class_name=name,
+                      registered_name=None if module.startswith("keras.") else f"keras_resnet>{name}")
+    return config
+
+
+def _rebuilt(model, table):
+    """A copy of the functional `model` whose layers are those of `table`, same weights."""
+    config = {"class_name": model.__class__.__name__, "config": model.get_config(),
+              "module": "keras", "registered_name": None}
+    copy = keras.Model.from_config(_replace_classes(config, table)["config"])
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def portable(model):
+    """`model` with Keras's own BatchNormalization and L1L2 in place of this module's (the same
+    numbers): the .keras files the project writes load with plain `keras.saving.load_model`, on
+    any backend, without this package installed."""
+    return _rebuilt(model, _BUILTINS)
+
+
+def fused(model):
+    """`model` (as loaded from a portable .keras file) with this module's fused layers again, so
+    training and the exported graphs run FusedBatchNormV3 as a freshly built model does."""
+    if not any(isinstance(layer, layers.BatchNormalization)
+               and not isinstance(layer, FusedBatchNormalization) for layer in model.layers):
+        return model
+    return _rebuilt(model, _OURS)

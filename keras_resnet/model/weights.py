@@ -61,7 +61,9 @@ def read_state_dict(path):
         raw, known = _read_file(path)
     except OSError as e:
         raise WeightsError(f"cannot read {path}: {e.strerror or e}.") from None
-    return normalize_state_dict(raw, path), known
+    state = normalize_state_dict(raw, path)
+    state, prefix = resnet_under_prefix(state, path)
+    return state, dict(known, prefix=prefix) if prefix else known
 
 
 def _read_file(path):
@@ -133,21 +135,22 @@ def _read_safetensors_bf16(path):
 
 
 def load_keras(path):
-    """The model of the .keras file `path` (uncompiled; this project's layers registered), or a
+    """The model of the .keras file `path` (uncompiled, with this project's fused layers), or a
     one-line WeightsError: Keras says "File not found" for a file that is there but not a
-    .keras archive."""
+    .keras archive. Files of earlier versions, which name our layers, load too."""
     import keras
 
-    import keras_resnet.model.layers  # noqa: F401  (registers the BatchNorm layer)
+    from keras_resnet.model import layers
 
     if os.path.isfile(path) and not zipfile.is_zipfile(path):
         raise WeightsError(f"{path} is not a .keras file (a zip archive; damaged, or another "
                            "format renamed): pass the best.keras or latest.keras a run wrote.")
     try:
-        return keras.saving.load_model(path, compile=False)
+        model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a damaged archive
         raise WeightsError(f"cannot load the Keras model {path} "
                            f"({str(e).splitlines()[0][:120]}).") from None
+    return layers.fused(model)
 
 
 def _read_keras(path):
@@ -214,6 +217,29 @@ def normalize_state_dict(raw, path="the file"):
     return state
 
 
+def resnet_under_prefix(state, path="the file"):
+    """(`state`, "") when it is a ResNet state dict; (the ResNet's entries without their prefix,
+    the prefix) when it holds one ResNet under a prefix that is not a plain wrapper: a
+    detection or segmentation backbone (`backbone.body.`, `backbone.`), a self-supervised
+    checkpoint's encoder (`encoder.`, `backbone.`). Several candidate ResNets (MoCo's
+    `encoder_q.` and `encoder_k.`, DINO's student and teacher) are refused, naming them."""
+    if "conv1.weight" in state:
+        return state, ""
+    marker = "layer1.0.conv1.weight"
+    prefixes = sorted(key[:-len(marker)] for key in state if key.endswith(marker)
+                      and key[:-len(marker)] + "conv1.weight" in state)
+    if not prefixes:
+        return state, ""
+    if len(prefixes) > 1:
+        raise WeightsError(
+            f"{path} holds {len(prefixes)} ResNets (under {', '.join(map(repr, prefixes))}); "
+            "save the one to start from on its own: torch.save({k[len(P):]: v for k, v in "
+            "sd.items() if k.startswith(P)}, 'resnet.pth') with P one of those prefixes.")
+    (prefix,) = prefixes
+    return {key[len(prefix):]: value for key, value in state.items()
+            if key.startswith(prefix)}, prefix
+
+
 def detect(state_dict, path="the file"):
     """{"depth", "conv_bias", "num_classes"} from a torchvision-named state dict's keys/shapes
     (num_classes None when it has no classifier)."""
@@ -264,7 +290,10 @@ def load_state_dict(model, state_dict, *, keep_classifier=True, path="the file")
     except WeightsError:
         raise
     except ValueError as e:
-        raise WeightsError(f"{path}: {e}") from None
+        raise WeightsError(
+            f"{path}: {str(e).rstrip('.')}; these weights are not torchvision's {model.name} "
+            "architecture (ResNeXt, Wide ResNet or SE-ResNet weights have other shapes or extra "
+            "layers): start from torchvision or timm resnet18/34/50/101/152 weights.") from None
 
 
 def build_from_weights(path, *, depth=None, variant=None, input_shape=(None, None, 3),

@@ -52,6 +52,13 @@ class ProgressLog(keras.callbacks.Callback):
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
         self.global_batch_size, self.every_secs = global_batch_size, every_secs
         self.step_offset = step_offset
+        self._val_secs = 0.0  # the last validation's duration (0 until one has run)
+
+    def on_test_begin(self, logs=None):
+        self._val_start = time.monotonic()
+
+    def on_test_end(self, logs=None):
+        self._val_secs = time.monotonic() - self._val_start
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._done = epoch, 0
@@ -71,8 +78,10 @@ class ProgressLog(keras.callbacks.Callback):
         per_step = ((now - self._first_end) / (self._done - 1) if self._done > 1
                     else elapsed)
         eta = (self.steps_per_epoch - step) * per_step
-        # The later epochs at this epoch's pace (their validation not counted).
-        later = (self.epochs - self._epoch - 1) * self.steps_per_epoch * per_step
+        # The later epochs at this epoch's pace, and every validation still to run at the last
+        # one's (none counted before the first has run).
+        later = ((self.epochs - self._epoch - 1) * self.steps_per_epoch * per_step
+                 + (self.epochs - self._epoch) * self._val_secs)
         print(f"epoch {self._epoch + 1}/{self.epochs} step {step}/{self.steps_per_epoch} "
               f"{_metrics(logs)}, {self._done * self.global_batch_size / elapsed:.1f} images/s, "
               f"epoch ends in {_duration(eta)}"

@@ -29,6 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from keras_resnet.files import atomic_path, read_json, remove_path, write_json_atomic
+from keras_resnet.model import layers as model_layers
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_MODEL = "best.keras"
@@ -47,9 +48,10 @@ RUN_FIELDS = ("batch_size",)
 
 def save_keras_atomic(model, path):
     """`model.save(path)` (a .keras file) via a temporary name in the same directory + rename:
-    Keras writes the target in place, so a kill mid-save would leave a truncated file."""
+    Keras writes the target in place, so a kill mid-save would leave a truncated file. The file
+    holds Keras's own layers (`layers.portable`): plain `keras.saving.load_model` reads it."""
     with atomic_path(path) as tmp:
-        model.save(tmp)
+        model_layers.portable(model).save(tmp)
     return path
 
 

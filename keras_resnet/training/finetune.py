@@ -70,12 +70,15 @@ def init_from(model, path, *, num_classes, variant=None):
             f"{variant}: pass --variant={known['variant']}.")
     keep = found["num_classes"] == num_classes
     weights.load_state_dict(model, state, keep_classifier=keep, path=path)
+    source = f"{path} (the ResNet under {known['prefix']!r})" if known.get("prefix") else path
     if keep:
-        return f"Initialised all weights from {path}."
-    what = (f"{found['num_classes']} classes" if found["num_classes"] is not None
-            else "no classifier")
-    return (f"Initialised from {path}; its classifier ({what}) does not fit the dataset's "
-            f"{num_classes} classes, so the classifier is newly initialised.")
+        return f"Initialised all weights from {source}."
+    if found["num_classes"] is None:
+        return (f"Initialised from {source}; it has no classifier, so the classifier is newly "
+                "initialised.")
+    return (f"Initialised from {source}; its classifier ({found['num_classes']} classes) does "
+            f"not fit the dataset's {num_classes} classes, so the classifier is newly "
+            "initialised.")
 
 
 @keras.saving.register_keras_serializable(package="keras_resnet")

@@ -19,6 +19,7 @@ from absl import logging
 
 from keras_resnet import files
 from keras_resnet.files import read_json, write_json_atomic
+from keras_resnet.model import weights
 from keras_resnet.model.resnet import build_resnet
 from keras_resnet.training import callbacks as callbacks_lib
 from keras_resnet.training import checkpoint as ckpt_lib
@@ -331,7 +332,7 @@ def finish(config, runtime, data, trainer, throughput):
     ckpt_lib.save_keras_atomic(trainer.model, os.path.join(model_dir, ckpt_lib.FINAL_MODEL))
     export_path = None
     if config.export:
-        serving_model = (keras.saving.load_model(best_path, compile=False) if best_path
+        serving_model = (weights.load_keras(best_path) if best_path
                          else trainer.model)
         logging.info("Exporting the %s model as a SavedModel under %s ...",
                      "best" if best_path else "final", config.resolved_export_dir)
