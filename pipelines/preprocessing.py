@@ -61,10 +61,36 @@ def decode_image(image_bytes, recover_truncated: bool = True) -> tf.Tensor:
         is_jpeg(image_bytes),
         lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method=JPEG_DCT,
                                   **(recover if recover_truncated else {})),
-        lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
+        lambda: _decode_not_jpeg(image_bytes),
     )
     image.set_shape([None, None, 3])
     return image
+
+
+def _decode_not_jpeg(image_bytes) -> tf.Tensor:
+    """PNG, GIF, BMP or WebP -> uint8 RGB [H, W, 3] (an animation's first frame).
+
+    TensorFlow's WebP decoder refuses `channels=3` for a WebP with an alpha channel ("Number of
+    channels requested does not match input"): a still WebP is decoded with its own channels and
+    the alpha dropped, as Pillow's `convert("RGB")` (torchvision's loader) and
+    `decode_png(channels=3)` drop it. An animated WebP keeps `channels=3`, which TensorFlow 2.21
+    refuses with an error ("WebP Animation must be 4 channel RGBA"): with `channels=0` its
+    decoder corrupts the heap and aborts the process.
+    """
+    return tf.cond(
+        has_format(image_bytes, "WebP") & tf.logical_not(_is_animated_webp(image_bytes)),
+        lambda: tf.io.decode_image(image_bytes, channels=0, expand_animations=False)[:, :, :3],
+        lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
+    )
+
+
+def _is_animated_webp(image_bytes) -> tf.Tensor:
+    """True for a WebP whose extended header (the VP8X chunk) sets the animation flag."""
+    # Padded with zeros as in has_format: substr raises for an offset past the end.
+    padded = tf.strings.join([tf.strings.substr(image_bytes, 0, 21), b"\0" * 21])
+    flags = tf.io.decode_raw(tf.strings.substr(padded, 20, 1), tf.uint8)[0]
+    return tf.equal(tf.strings.substr(padded, 12, 4), b"VP8X") & tf.not_equal(
+        tf.bitwise.bitwise_and(flags, tf.constant(2, tf.uint8)), 0)
 
 
 def sample_crop_window(image_shape, seed, area_range=CROP_AREA_RANGE,
@@ -124,7 +150,7 @@ def _decode_and_random_crop(image_bytes, seed, area_range=CROP_AREA_RANGE,
             acceptable_fraction=TRUNCATED_MIN_FRACTION)
 
     def other():  # PNG (also when named .JPEG) never reaches decode_and_crop_jpeg, which rejects it
-        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        image = _decode_not_jpeg(image_bytes)
         top, left, h, w = tf.unstack(window_of(tf.shape(image)))
         return image[top:top + h, left:left + w]
 

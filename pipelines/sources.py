@@ -51,8 +51,10 @@ INDEX_FILE = ".keras_resnet_index.npz"
 # folders read with their sub-folders; 5: valid/ or validation/ as the validation folder, names
 # that are not UTF-8 skipped; 6: links to nothing loose in a split folder reported; 7: CSV labels
 # that are class ids with spaces, ImageIds with any extension, NFC/NFD names, names with line
-# breaks skipped, end markers found past the 4 KiB tail, an empty val/ beside a CSV reported
-INDEX_VERSION = 7
+# breaks skipped, end markers found past the 4 KiB tail, an empty val/ beside a CSV reported;
+# 8: WebP images with an alpha channel decode (an index built with --check_images=decode
+# had left them out)
+INDEX_VERSION = 8
 # Folder names of the validation split, in order of preference (Kaggle: val/; many datasets
 # published in the ImageFolder layout: valid/ or validation/).
 VAL_DIRS = ("val", "valid", "validation")
