@@ -189,6 +189,9 @@ def test_results_of_a_shorter_run_do_not_mark_a_longer_one_finished(data_dir, un
     os.remove(tmp_path / "run" / "latest.keras")
     again = run_to_end(flags(data_dir, str(tmp_path)))
     assert "already holds a finished run" not in again.stdout
+    # Not "Resuming at epoch 3/2": every epoch is trained, only the final files are missing.
+    assert "Resuming at epoch" not in again.stdout
+    assert f"All {EPOCHS} epochs are trained" in again.stdout
     assert results(str(tmp_path))["global_step"] == EPOCHS * stale["steps_per_epoch"]
     assert (tmp_path / "run" / "latest.keras").exists()
     assert_same_run(str(tmp_path), uninterrupted)  # and nothing was trained twice

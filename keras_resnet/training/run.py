@@ -467,7 +467,12 @@ def _train(config, runtime):
         print(f"{runtime.model_dir} already holds a finished run of {config.epochs} epochs: "
               f"{json.dumps(previous)}\nRaise --epochs to train further.", flush=True)
         return previous
-    if trainer.start_epoch or trainer.start_step:
+    if trainer.start_epoch >= config.epochs:
+        # Stopped after its last checkpoint, in the final save or export ("epoch 2/1" is none).
+        print(f"All {config.epochs} epochs are trained (global step {trainer.global_step}): "
+              "writing the final model, export and results that the last run did not finish.",
+              flush=True)
+    elif trainer.start_epoch or trainer.start_step:
         print(f"Resuming at epoch {trainer.start_epoch + 1}/{config.epochs}, step "
               f"{trainer.start_step}/{data.steps_per_epoch}.", flush=True)
     throughput = fit(config, runtime, data, trainer)
