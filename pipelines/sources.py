@@ -53,7 +53,7 @@ INDEX_FILE = ".keras_resnet_index.npz"
 # that are class ids with spaces, ImageIds with any extension, NFC/NFD names, names with line
 # breaks skipped, end markers found past the 4 KiB tail, an empty val/ beside a CSV reported;
 # 8: WebP images with an alpha channel decode (an index built with --check_images=decode
-# had left them out)
+# had left them out); an ImageId on several CSV rows takes its first row's label (was the last)
 INDEX_VERSION = 8
 # Folder names of the validation split, in order of preference (Kaggle: val/; many datasets
 # published in the ImageFolder layout: valid/ or validation/).
@@ -293,7 +293,9 @@ def _read_val_solution(path: str, class_ids=()) -> dict[str, str]:
     """ImageId -> class id of the first box. Rows are not sorted and may carry several boxes. An
     ImageId may also be written as a file name (`ILSVRC2012_val_00000001.JPEG`). A class id may
     hold spaces (a tab-separated mapping): the longest of `class_ids` that starts the
-    PredictionString is taken, else its first word."""
+    PredictionString is taken, else its first word. An ImageId on several rows (a CSV written
+    one row per box) takes the label of its first row that has one, as a row takes its first
+    box's."""
     spaced = sorted((c for c in class_ids if " " in c), key=len, reverse=True)
     labels = {}
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
@@ -307,7 +309,10 @@ def _read_val_solution(path: str, class_ids=()) -> dict[str, str]:
         prediction = row[1].strip() if len(row) >= 2 else ""
         # The longest id that starts it: boxes are numbers, so "a b 1 2 3 4" is class "a b" when
         # there is one, even beside a class "a". "" for a row without a label.
-        labels[_image_id(row[0].strip())] = next(
+        image_id = _image_id(row[0].strip())
+        if labels.get(image_id):
+            continue   # a later row of an image already labelled (one row per box)
+        labels[image_id] = next(
             (c for c in spaced if prediction == c or prediction.startswith(c + " ")),
             prediction.split(maxsplit=1)[0] if prediction else "")
     return labels

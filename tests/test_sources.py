@@ -531,6 +531,18 @@ def test_csv_rows_pick_the_longest_class_id_and_the_files_whole_name(tmp_path):
                                 "name holds a line break or tab: rename it")]
 
 
+def test_an_image_on_several_csv_rows_takes_its_first_rows_label(tmp_path):
+    """A CSV written one row per box (a detection export) repeats the ImageId: the first row's
+    label counts, as the first box of a row does (the last row's had won, silently)."""
+    image_root = _custom_kaggle(tmp_path, "cat Cat\ndog Dog\n", {"cat": 1, "dog": 1},
+                                ["v1.jpg", "v2.jpg"],
+                                [("v1", "cat 1 2 3 4"), ("v1", "dog 5 6 7 8"), ("v2", ""),
+                                 ("v2", "dog 1 2 3 4"), ("v2", "cat 1 2 3 4")])
+    val = image_root / "val"
+    assert _as_dict(load_source("imagenet", str(tmp_path)).val) == {
+        str(val / "v1.jpg"): 0, str(val / "v2.jpg"): 1}
+
+
 def test_label_files_in_another_encoding_are_refused_in_one_line(tmp_path):
     _custom_kaggle(tmp_path, "cat K\xe4se\ndog Dog\n", {"cat": 1, "dog": 1}, ["v1.jpg"],
                    [("v1", "cat")], csv_encoding="latin-1")
