@@ -350,6 +350,7 @@ def prepare(data_dir: str, out: str, *, name: str = "", seed: int = 0,
     if tf.io.gfile.exists(info_path) and all(
             len(plan["done"][s]) == v["num_shards"] for s, v in plan["splits"].items()):
         print(f"{out} already holds this dataset, complete.", file=sys.stderr)
+        _report_skipped(out, source, plan, write=False)
         return plan
     tf.io.gfile.makedirs(out)
     if not _is_remote(out):
@@ -374,8 +375,26 @@ def prepare(data_dir: str, out: str, *, name: str = "", seed: int = 0,
         return plan
     if verify:
         verify_counts(out, plan)
+    _report_skipped(out, source, plan)
     write_metadata(out, plan, source.class_names)
     return plan
+
+
+def _report_skipped(out, source, plan, write: bool = True) -> None:
+    """What the dataset leaves out, as training from the files reports it: a warning with the
+    count, and `OUT/skipped_files.tsv` listing each file or folder with its reason (the index's
+    screening, and files that could not be read while the shards were written)."""
+    skipped = list(source.skipped) + [
+        (os.path.join(source.root, rel), f"could not be read while writing the shards: {why}")
+        for split in plan["done"].values() for done in split.values()
+        for rel, why in done["failed"]]
+    report = _join(out, sources.SKIPPED_REPORT)
+    if write:
+        lines = ["path\treason\n"] + [f"{p}\t{why}\n" for p, why in sorted(skipped)]
+        _write_out(report, "".join(lines).encode("utf-8"))
+    if skipped:
+        print(f"WARNING: left out {len(skipped):,} files or folders (each with its reason in "
+              f"{report})", file=sys.stderr)
 
 
 def default_name(source) -> str:

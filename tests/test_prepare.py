@@ -70,6 +70,23 @@ def test_records_are_the_readable_files_each_once(tree, out):
     assert labels != sorted(labels)
 
 
+def test_the_files_left_out_are_counted_and_listed(tree, out, capsys):
+    # As training from the files does (skipped_files.tsv in its run folder): the shards had
+    # dropped the truncated, empty and non-image files without a word.
+    with open(os.path.join(out, sources.SKIPPED_REPORT), encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    assert rows[0] == ["path", "reason"]
+    assert {p: r for p, r in rows[1:]} == dict(sources.load_source("imagenet", tree["root"]).skipped)
+    for path, reason in tree["broken"].items():
+        assert reason in dict(rows[1:])[path]
+    # The command says so, also when the dataset is already complete (nothing rewritten).
+    assert prepare.run([f"--data_dir={tree['root']}", f"--out={out}",
+                        f"--shard_mb={SHARD_MB}", "--workers=1"]) == 0
+    err = capsys.readouterr().err
+    assert (f"WARNING: left out {len(rows) - 1} files or folders (each with its reason in "
+            f"{os.path.join(out, sources.SKIPPED_REPORT)})") in err
+
+
 def test_only_files_that_need_it_are_reencoded(tree, out):
     stored = {name: image for name, _, image in _records(out, "train")}
     for path in tree["train"]:
