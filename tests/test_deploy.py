@@ -716,3 +716,15 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, held_out_images,
             print(f"onnx_int8 in OpenVINO: top-1 agreement {openvino_agreement:.4f} on "
                   f"{len(expected)}")
         assert openvino_agreement >= 0.985
+
+
+def test_contract_text_points_at_the_files_resize_size():
+    """The `preprocessing` text inside every runtime file is what a client follows: with a FixRes
+    or --resize_size export it must not say S*256/224 while `resize_size` says otherwise."""
+    meta = deploy.metadata(fmt="onnx", image_size=224, class_ids=["a"], class_names=["a"],
+                           resize_size=232)
+    assert meta["resize_size"] == 232
+    assert "256/224" not in meta["preprocessing"] and "resize_size" in meta["preprocessing"]
+    default = deploy.metadata(fmt="onnx", image_size=64, class_ids=["a"], class_names=["a"])
+    assert default["resize_size"] == 73 and "resize_size" in default["preprocessing"]
+

@@ -4,7 +4,8 @@ The preprocessing contract, the same for every file format (ONNX, LiteRT, OpenVI
 versions):
 
     input  `images`: float32 [N, S, S, 3], RGB in 0..255, N dynamic, S the evaluation size: the
-           image decoded, its shorter side resized to S * 256/224 (bilinear, antialiased), then
+           image decoded, its shorter side resized to the export's resize_size (bilinear,
+           antialiased; by default round(S * 256/224), a FixRes run's --eval_resize_size), then
            center-cropped to S x S, as `pipelines.preprocessing.preprocess_for_eval` does.
     output `probabilities`: float32 [N, C] (softmax over the classes).
 
@@ -22,9 +23,11 @@ from keras_resnet import files
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 SIDECAR_SUFFIX = ".json"
+# `resize_size` names the metadata key, not a rule: a FixRes run (or --resize_size) exports at
+# another shorter side than round(S * 256/224), and a client following this text must use it.
 CONTRACT = ("float32 [N, S, S, 3] RGB 0..255 at S=image_size after resizing the shorter side to "
-            "S*256/224 and a center crop; mean/std normalisation inside; output probabilities "
-            "float32 [N, C]")
+            "resize_size (bilinear, antialiased) and a center crop; mean/std normalisation inside; "
+            "output probabilities float32 [N, C]")
 # What a client of the weight files (torchvision, safetensors) feeds torchvision's ResNet.
 TORCHVISION_CONTRACT = (
     "torchvision.models.resnetN(num_classes=C) loading these weights: float32 [N, 3, S, S] RGB "
