@@ -63,6 +63,11 @@ def _destination(flag_values, name, fmt):
         destination = flag_values.output or flag_values.export_dir
         if not destination:
             raise cli.UsageError("--export_dir is required, e.g. --export_dir=saved_models/r50.")
+        if os.path.exists(destination) and not os.path.isdir(destination):
+            flag = "--output" if flag_values.output else "--export_dir"
+            raise cli.UsageError(f"{flag}={destination} is a file; --format=saved_model "
+                                 "writes version directories (1/, 2/, ...) under a directory: "
+                                 "pass a directory, e.g. --export_dir=saved_models/r50.")
         return destination
     if flag_values.export_dir:
         raise cli.UsageError(f"--format={name} writes one file: pass --output=model{fmt.suffix} "

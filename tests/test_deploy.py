@@ -728,3 +728,23 @@ def test_contract_text_points_at_the_files_resize_size():
     default = deploy.metadata(fmt="onnx", image_size=64, class_ids=["a"], class_names=["a"])
     assert default["resize_size"] == 73 and "resize_size" in default["preprocessing"]
 
+
+def test_an_output_path_that_is_a_directory_or_a_file_says_so(tmp_path, capsys):
+    """Checked before any model loads: --output naming a directory (even one called x.onnx) and a
+    SavedModel destination that is a file get one line saying what to pass."""
+    (tmp_path / "x.onnx").mkdir()
+    (tmp_path / "taken").write_text("a file")
+    model = str(tmp_path / "none.keras")  # never read: the destination is refused first
+    for argv, expected in (
+            ([f"--model={model}", "--format=onnx", f"--output={tmp_path}/x.onnx"],
+             f"is a directory; --format=onnx writes one file: pass a file path (e.g. "
+             f"--output={tmp_path}/x.onnx/model.onnx)"),
+            ([f"--model={model}", f"--export_dir={tmp_path}/taken"],
+             f"--export_dir={tmp_path}/taken is a file; --format=saved_model writes version "
+             "directories"),
+            ([f"--model={model}", "--format=saved_model", f"--output={tmp_path}/taken"],
+             f"--output={tmp_path}/taken is a file")):
+        assert export_cmd.run(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and expected in err, err
+    assert (tmp_path / "taken").read_text() == "a file"

@@ -108,7 +108,10 @@ def get_format(name):
 def check_output(output, fmt):
     """One-line ValueError unless `output` is a file path with the format's extension."""
     suffix = FORMATS[fmt].suffix
-    if not output.endswith(suffix) or os.path.isdir(output):
+    if os.path.isdir(output):
+        raise ValueError(f"--output={output!r} is a directory; --format={fmt} writes one file: "
+                         f"pass a file path (e.g. --output={os.path.join(output, 'model' + suffix)}).")
+    if not output.endswith(suffix):
         raise ValueError(f"--format={fmt} writes a {suffix} file; got --output={output!r} "
                          f"(e.g. --output=model{suffix}).")
 
