@@ -299,6 +299,23 @@ def test_classes_json_round_trip(tmp_path):
         export.read_classes_json(path)
 
 
+def test_a_classes_file_that_is_not_there_is_refused_not_replaced(model_dir, tmp_path, capsys):
+    """--classes naming a missing file (a typo) used to export with the labels 0..C-1 after a
+    warning, although the run's classes.json was beside the model; now one line, exit 1."""
+    with pytest.raises(ValueError, match="typo.json not found"):
+        export.load_classes_for(str(model_dir / "best.keras"), len(CLASS_IDS),
+                                str(tmp_path / "typo.json"))
+    output = tmp_path / "m.pth"
+    status = export_command.run([f"--model_dir={model_dir}", "--format=torchvision",
+                             f"--output={output}", f"--classes={tmp_path}/typo.json"])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and not output.exists(), err
+    assert err.startswith("error: --classes=") and "not found" in err and "\n" not in err, err
+    # Left out, the classes.json beside the model is used, as before.
+    assert export.load_classes_for(str(model_dir / "best.keras"), len(CLASS_IDS)) == (
+        CLASS_IDS, CLASS_NAMES)
+
+
 TOP5_LINE = re.compile(r"^  \d\.\d{4}  n0\d  name \d$")
 
 

@@ -288,7 +288,13 @@ def eval_sizes(model_path, model, image_size=None, resize_size=None):
 def load_classes_for(model_path, num_classes, classes_path=None):
     """(class_ids, class_names): from `classes_path`, else classes.json beside the model file,
     else the class indices as strings. A list of another length than the model's `num_classes`
-    outputs is refused (every format would carry names that do not match its outputs)."""
+    outputs is refused (every format would carry names that do not match its outputs). A
+    `classes_path` given but missing is refused too: falling back would label the export 0..C-1
+    (or with the run's own classes) although the caller named another list."""
+    if classes_path and not os.path.isfile(classes_path):
+        raise ValueError(f"--classes={classes_path} not found; pass an existing JSON file "
+                         '{"class_ids": [...], "class_names": [...]}, or leave --classes out to '
+                         f"use the {CLASSES_JSON} beside the model.")
     classes_path = classes_path or os.path.join(os.path.dirname(model_path), CLASSES_JSON)
     if os.path.isfile(classes_path):
         return _check_classes(*read_classes_json(classes_path), num_classes=num_classes)
