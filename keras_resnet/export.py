@@ -90,6 +90,10 @@ def main(flag_values, args):
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     destination = _destination(flag_values, flag_values.format, fmt)
+    if flag_values.resize_size is not None and flag_values.resize_size < 1:
+        raise cli.UsageError("--resize_size must be >= 1 (the shorter side before the center "
+                             f"crop; leave it out for image_size x 256/224). Received: "
+                             f"{flag_values.resize_size}.")
     if fmt.calibrated and flag_values.calibration_images < 1:
         raise cli.UsageError("--calibration_images must be >= 1. Received: "
                              f"{flag_values.calibration_images}.")
@@ -117,6 +121,10 @@ def main(flag_values, args):
                                                     flag_values.resize_size)
         if image_size is None:
             return cli.fail(f"{path} takes images of any size; pass --image_size.")
+        if resize_size and resize_size < image_size:  # every request would fail to crop
+            return cli.fail(f"--resize_size={resize_size} is smaller than the crop ({image_size}); "
+                            f"the shorter side must be at least the crop size: pass "
+                            f"--resize_size>={image_size}, or leave it out.")
         class_ids, class_names = export.load_classes_for(path, model.outputs[0].shape[-1],
                                                          flag_values.classes)
         calibration = (_calibration(flag_values, image_size, resize_size) if fmt.calibrated

@@ -316,6 +316,22 @@ def test_a_classes_file_that_is_not_there_is_refused_not_replaced(model_dir, tmp
         CLASS_IDS, CLASS_NAMES)
 
 
+def test_a_resize_size_below_the_crop_or_below_one_is_refused(model_dir, tmp_path, capsys):
+    """--resize_size=50 under a 64 crop (the demo) exported with exit 0: the SavedModel failed every
+    request ('incompatible shape' inside its map), the files recorded a resize no client can crop
+    from. Now one line each, nothing written."""
+    for fmt, output, resize, says in (
+            ("saved_model", tmp_path / "sm", IMAGE_SIZE - 1,
+             f"--resize_size={IMAGE_SIZE - 1} is smaller than the crop ({IMAGE_SIZE})"),
+            ("torchvision", tmp_path / "m.pth", IMAGE_SIZE - 1, "is smaller than the crop"),
+            ("torchvision", tmp_path / "m.pth", -5, "--resize_size must be >= 1")):
+        status = export_command.run([f"--model_dir={model_dir}", f"--format={fmt}",
+                                     f"--output={output}", f"--resize_size={resize}"])
+        err = capsys.readouterr().err.strip()
+        assert status in (1, 2) and says in err and "\n" not in err, err
+        assert not output.exists() or not os.listdir(output), fmt
+
+
 TOP5_LINE = re.compile(r"^  \d\.\d{4}  n0\d  name \d$")
 
 
