@@ -60,6 +60,11 @@ def define_flags(values):
 def _destination(flag_values, name, fmt):
     """The --output (or --export_dir) to write to, checked before any model is loaded."""
     if name == "saved_model":
+        if (flag_values.output and flag_values.export_dir and os.path.abspath(flag_values.output)
+                != os.path.abspath(flag_values.export_dir)):
+            raise cli.UsageError(f"--output={flag_values.output} and --export_dir="
+                                 f"{flag_values.export_dir} name two destinations; for "
+                                 "--format=saved_model pass one of them (--export_dir).")
         destination = flag_values.output or flag_values.export_dir
         if not destination:
             raise cli.UsageError("--export_dir is required, e.g. --export_dir=saved_models/r50.")

@@ -730,8 +730,9 @@ def test_contract_text_points_at_the_files_resize_size():
 
 
 def test_an_output_path_that_is_a_directory_or_a_file_says_so(tmp_path, capsys):
-    """Checked before any model loads: --output naming a directory (even one called x.onnx) and a
-    SavedModel destination that is a file get one line saying what to pass."""
+    """Checked before any model loads: --output naming a directory (even one called x.onnx), a
+    SavedModel destination that is a file, and two SavedModel destinations get one line saying
+    what to pass."""
     (tmp_path / "x.onnx").mkdir()
     (tmp_path / "taken").write_text("a file")
     model = str(tmp_path / "none.keras")  # never read: the destination is refused first
@@ -743,7 +744,10 @@ def test_an_output_path_that_is_a_directory_or_a_file_says_so(tmp_path, capsys):
              f"--export_dir={tmp_path}/taken is a file; --format=saved_model writes version "
              "directories"),
             ([f"--model={model}", "--format=saved_model", f"--output={tmp_path}/taken"],
-             f"--output={tmp_path}/taken is a file")):
+             f"--output={tmp_path}/taken is a file"),
+            # Both flags, two places: --export_dir was silently ignored.
+            ([f"--model={model}", f"--output={tmp_path}/a", f"--export_dir={tmp_path}/b"],
+             "name two destinations; for --format=saved_model pass one of them")):
         assert export_cmd.run(argv) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and expected in err, err
