@@ -80,15 +80,20 @@ def encoded_bytes_estimate(split, sample: int = 1000) -> int:
     return int(np.mean([os.path.getsize(f) for f in picked]) * len(files))
 
 
-def split_fingerprint(split, *extra) -> str:
+def split_fingerprint(split, *extra, where=True) -> str:
     """A short hash of the split's files and labels (and `extra`): names cache files, so a cache
-    written for another file list, labelling or image size is never read back."""
+    written for another file list, labelling or image size is never read back. `where=False`
+    hashes each file by its folder and name only, so the same dataset moved elsewhere (another
+    --data_dir) gives the same hash."""
     digest = hashlib.sha256(repr(extra).encode())
     if has_files(split):
-        digest.update("\n".join(map(str, split.files)).encode())
+        names = (map(str, split.files) if where else
+                 (os.path.join(*str(f).replace("\\", "/").split("/")[-2:]) for f in split.files))
+        digest.update("\n".join(names).encode())
         digest.update(np.asarray(split.labels, np.int64).tobytes())
     elif getattr(split, "shards", None) is not None:
-        digest.update("\n".join(split.shards.paths).encode() + repr(split.shards.lengths).encode())
+        paths = split.shards.paths if where else map(os.path.basename, split.shards.paths)
+        digest.update("\n".join(paths).encode() + repr(split.shards.lengths).encode())
     else:
         digest.update(f"records:{split.num_examples}".encode())
     return digest.hexdigest()[:12]

@@ -361,3 +361,22 @@ def test_synthetic_dataset_shapes():
     assert x.shape == (2, SIZE, SIZE, 3) and x.dtype == tf.uint8
     assert y.dtype == tf.int64 and all(0 <= int(v) < 5 for v in y)
 
+
+
+def test_fingerprint_of_a_moved_dataset_is_the_same_without_its_location():
+    """A run records its training set by folder and file name (and labels): the same images under
+    another --data_dir are the same set, an added or relabelled image is not."""
+    from pipelines.sources import Split
+
+    def split(root, names=("a/1.JPEG", "a/2.JPEG", "b/3.JPEG"), labels=(0, 0, 1)):
+        return Split(files=np.array([f"{root}/train/{n}" for n in names], dtype=object),
+                     labels=np.array(labels, np.int64))
+
+    here, there = split("/data/imagenet"), split("/mnt/disk2/imagenet")
+    assert dataset.split_fingerprint(here) != dataset.split_fingerprint(there)  # cache names
+    assert (dataset.split_fingerprint(here, where=False)
+            == dataset.split_fingerprint(there, where=False))
+    for other in (split("/data/imagenet", labels=(0, 1, 1)),
+                  split("/data/imagenet", names=("a/1.JPEG", "a/2.JPEG", "b/4.JPEG"))):
+        assert (dataset.split_fingerprint(other, where=False)
+                != dataset.split_fingerprint(here, where=False))

@@ -199,8 +199,10 @@ def test_results_of_a_shorter_run_do_not_mark_a_longer_one_finished(data_dir, un
 
 def test_a_resume_with_other_training_flags_says_so_and_records_it(data_dir, tmp_path):
     """It goes on (a user may mean it), but no longer as if never stopped: a warning names the
-    flags, flag_changes.json keeps them with the step. Turning EMA on is refused, naming --ema."""
+    flags, and the training set when images were added meanwhile; flag_changes.json keeps them
+    with the step. Turning EMA on is refused, naming --ema."""
     run_dir = str(tmp_path)
+    data_dir = shutil.copytree(data_dir, tmp_path / "data")  # images are added to this copy
     args = flags(data_dir, run_dir, epochs=1, label_smoothing=0.1)
     code, _ = start_and_kill_at(args, step=3)
     assert code == -signal.SIGKILL
@@ -212,12 +214,24 @@ def test_a_resume_with_other_training_flags_says_so_and_records_it(data_dir, tmp
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: {os.path.join(run_dir, 'run')} was started with --ema=false: resume with "
         "--ema=false, or use another --model_dir.")
+    started = json.loads(open(os.path.join(run_dir, "run", "config.json")).read())["train_data"]
+    assert started["examples"] == 14
+    train = next(p for p in (tmp_path / "data").rglob("train/*") if p.is_dir())
+    image = next(train.iterdir())
+    for i in range(2):
+        shutil.copy(image, train / f"added_{i}.JPEG")
     resumed = run_to_end([*args, "--label_smoothing=0.3", "--checkpoint_every_steps=2"])
-    assert ("Resuming with changed flags (--label_smoothing 0.1 -> 0.3): from global step "
-            f"{killed_at} the run differs") in resumed.stdout + resumed.stderr
+    assert ("Resuming with changed flags (--label_smoothing 0.1 -> 0.3) and training set (14 -> "
+            "16 images, or other files or labels; epochs follow the new set's order, so this one "
+            f"sees some images twice and some not at all): from global step {killed_at} the run "
+            "differs") in resumed.stdout + resumed.stderr
     changes = json.loads(open(os.path.join(run_dir, "run", "flag_changes.json")).read())
-    assert changes == [{"global_step": killed_at, "changed": {"label_smoothing": [0.1, 0.3]}}]
     config = json.loads(open(os.path.join(run_dir, "run", "config.json")).read())
+    assert changes == [{"global_step": killed_at,
+                        "changed": {"label_smoothing": [0.1, 0.3],
+                                    "train_data": [started, config["train_data"]]}}]
+    assert config["train_data"]["examples"] == 16
+    assert config["train_data"]["fingerprint"] != started["fingerprint"]
     assert config["label_smoothing"] == 0.3 and config["checkpoint_every_steps"] == 2
 
 

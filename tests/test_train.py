@@ -586,6 +586,34 @@ def test_progress_eta_leaves_out_the_first_steps_tracing(monkeypatch, capsys):
                          "training in 0:00:37")
 
 
+def test_throughput_of_an_epoch_of_one_step_is_not_zero(monkeypatch):
+    """Epochs of several steps leave out the first (tracing); an epoch of one step has only it."""
+    from keras_resnet.training import callbacks
+
+    class Optimizer:
+        learning_rate = 0.1
+
+    log = callbacks.ThroughputLogger(global_batch_size=8)
+    log.set_model(type("Model", (), {"optimizer": Optimizer()})())
+    clock = iter([0.0, 4.0])  # epoch begins, its only step ends 4 s later
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    logs = {}
+    log.on_epoch_begin(0)
+    log.on_train_batch_begin(0)
+    log.on_train_batch_end(0)
+    log.on_epoch_end(0, logs)
+    assert logs["images_per_sec"] == 2.0
+    clock = iter([10.0, 30.0, 30.0, 31.0, 32.0])  # 20 s first step, then 1 s each: 16 images in 2 s
+    log.on_epoch_begin(1)
+    for batch in range(3):
+        if batch == 1:
+            log.on_train_batch_begin(batch)
+        log.on_train_batch_end(batch)
+    log.on_epoch_end(1, logs)
+    assert logs["images_per_sec"] == 8.0
+    assert log.train_images_per_sec == [2.0, 8.0]
+
+
 MIRRORED_RUN = r"""
 import csv, json, os, sys
 import tensorflow as tf

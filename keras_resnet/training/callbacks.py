@@ -10,7 +10,8 @@ from absl import logging
 
 
 class ThroughputLogger(keras.callbacks.Callback):
-    """Adds `images_per_sec` (training steps only, not validation) and `learning_rate` to logs."""
+    """Adds `images_per_sec` (training steps only, not validation) and `learning_rate` to logs.
+    The rate leaves out an epoch's first step (tracing), unless that was its only step."""
 
     def __init__(self, global_batch_size):
         super().__init__()
@@ -26,14 +27,14 @@ class ThroughputLogger(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
-        if self._steps > 1:
-            self._elapsed = time.perf_counter() - self._start
+        self._elapsed = time.perf_counter() - self._start
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        timed = self._steps - 1
-        rate = timed * self.global_batch_size / self._elapsed if timed > 0 and self._elapsed else 0.0
+        # One step: its own time (tracing included) is all there is; it had reported 0 images/s.
+        timed = self._steps - 1 if self._steps > 1 else self._steps
+        rate = timed * self.global_batch_size / self._elapsed if timed and self._elapsed else 0.0
         self.train_images_per_sec.append(rate)
         logs["images_per_sec"] = rate
         # With a schedule, `optimizer.learning_rate` is the rate at the current step.

@@ -32,8 +32,10 @@ from keras_resnet.training.optim import (
     apply_norm_weight_decay,
 )
 from keras_resnet.training.sgd import SGD
+from pipelines import dataset as ds_lib
 
 CONFIG_JSON = "config.json"
+TRAIN_DATA_KEY = "train_data"  # config.json: the training set's size and fingerprint
 CLASSES_JSON = "classes.json"
 
 # Keras warns once per fit when it learns the length of the (finite) validation set by running
@@ -407,21 +409,39 @@ _RUN_ONLY_FLAGS = frozenset({
 FLAG_CHANGES_JSON = "flag_changes.json"
 
 
-def _note_changed_flags(config, model_dir, trainer):
-    """A run resumed with other training flags (mixup, smoothing, sizes, ...) goes on, but no
-    longer as if never stopped: say so, and keep each change with its step in flag_changes.json
-    (config.json holds the flags now in force)."""
+def _train_data(data):
+    """What config.json records of the training set: its size and a hash of its files (by folder
+    and name, so a moved --data_dir is the same set) and labels."""
+    split = getattr(data.source, "train", None)
+    if split is None:
+        return None
+    return {"examples": int(split.num_examples),
+            "fingerprint": ds_lib.split_fingerprint(split, where=False)}
+
+
+def _note_changed_flags(config, model_dir, trainer, train_data=None):
+    """A run resumed with other training flags (mixup, smoothing, sizes, ...) or another training
+    set (files added or removed) goes on, but no longer as if never stopped: say so, and keep
+    each change with its step in flag_changes.json (config.json holds the flags now in force)."""
     started = read_json(os.path.join(model_dir, CONFIG_JSON))
     if not started or not (trainer.start_epoch or trainer.start_step):
         return
     now = config.to_dict()
     changed = {name: [started[name], value] for name, value in now.items()
                if name in started and name not in _RUN_ONLY_FLAGS and started[name] != value}
+    flags = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    parts = [f"flags ({flags})"] if changed else []
+    before = started.get(TRAIN_DATA_KEY)
+    if before and train_data and before != train_data:
+        changed[TRAIN_DATA_KEY] = [before, train_data]
+        parts.append(f"training set ({before['examples']:,} -> {train_data['examples']:,} "
+                     "images, or other files or labels; epochs follow the new set's order"
+                     + (", so this one sees some images twice and some not at all)"
+                        if trainer.start_step else ")"))
     if not changed:
         return
-    logging.warning("Resuming with changed flags (%s): from global step %d the run differs from "
-                    "one never stopped; recorded in %s.",
-                    ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()),
+    logging.warning("Resuming with changed %s: from global step %d the run differs from "
+                    "one never stopped; recorded in %s.", " and ".join(parts),
                     trainer.global_step, FLAG_CHANGES_JSON)
     path = os.path.join(model_dir, FLAG_CHANGES_JSON)
     history = read_json(path) or []
@@ -461,8 +481,11 @@ def _train(config, runtime):
     finished = (trainer.start_epoch >= config.epochs and previous is not None
                 and previous.get("global_step") == trainer.global_step)
     if runtime.writer and not finished:  # a finished run keeps the flags it ran with
-        _note_changed_flags(config, runtime.model_dir, trainer)
-        write_json_atomic(os.path.join(runtime.model_dir, CONFIG_JSON), config.to_dict())
+        train_data = _train_data(data)
+        _note_changed_flags(config, runtime.model_dir, trainer, train_data)
+        write_json_atomic(os.path.join(runtime.model_dir, CONFIG_JSON),
+                          {**config.to_dict(), **({TRAIN_DATA_KEY: train_data} if train_data
+                                                  else {})})
     if finished:
         print(f"{runtime.model_dir} already holds a finished run of {config.epochs} epochs: "
               f"{json.dumps(previous)}\nRaise --epochs to train further.", flush=True)
