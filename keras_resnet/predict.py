@@ -8,7 +8,9 @@
 --model is a SavedModel version directory, an export base directory (its highest version is
 used), a .onnx, .tflite or OpenVINO .xml file (run in ONNX Runtime, LiteRT or OpenVINO: install
 keras_resnet[onnx], [litert] or [openvino]), a .keras file (class names from the classes.json beside it), or a training directory
-(its best.keras, else latest.keras). Exits with status 1 if any image could not be read.
+(its best.keras, else latest.keras). A folder given as an image stands for the image files in
+it and its sub-folders, in name order (Kaggle's test/ split: no shell glob of 100,000 names).
+Exits with status 1 if any image could not be read.
 The library is `keras_resnet.serving.predict`; this module parses flags and calls it.
 """
 
@@ -36,7 +38,8 @@ def main(flag_values, images):
         raise cli.UsageError("--model is required: a SavedModel, a .onnx/.tflite/.xml file, a "
                              ".keras file or a model_dir.")
     if not images:
-        raise cli.UsageError("name one or more image files after the flags.")
+        raise cli.UsageError("name one or more image files (or folders of them) after the "
+                             "flags.")
     if not os.path.exists(flag_values.model):
         return cli.fail(f"model {flag_values.model} not found.")
     tf = logs.import_tensorflow()  # without TensorFlow's start-up noise
@@ -49,11 +52,39 @@ def main(flag_values, images):
     except (ValueError, TypeError, OSError, ImportError) as e:  # ImportError: a runtime extra
         return cli.fail(str(e).splitlines()[0])
 
-    failed = 0
+    predicted = failed = 0
     with logs.filtered_stderr(logs.is_op_failure_echo):  # the error line below says it
-        for path in images:
-            failed += _predict_file(predict, predict_lib, tf, path)
+        for path in _image_paths(images):
+            if path is None or _predict_file(predict, predict_lib, tf, path):
+                failed += 1
+            else:
+                predicted += 1
+    if predicted + failed > 1:
+        print(f"{predicted:,} image{'' if predicted == 1 else 's'} predicted" + (f", {failed:,} failed (the error lines above)"
+                                                   if failed else "") + ".", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _image_paths(names):
+    """Each name, or for a folder the image files under it (by extension, in name order); None
+    (after an error line) for a folder that holds none."""
+    from pipelines.sources import IMAGE_EXTENSIONS
+
+    for name in names:
+        if not os.path.isdir(name):
+            yield name
+            continue
+        found = 0
+        for root, dirs, filenames in os.walk(name):
+            dirs.sort()
+            for filename in sorted(filenames):
+                if os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS:
+                    found += 1
+                    yield os.path.join(root, filename)
+        if not found:
+            print(f"error: {name} is a folder with no image files "
+                  f"({', '.join(sorted(IMAGE_EXTENSIONS))}).", file=sys.stderr)
+            yield None
 
 
 def _predict_file(predict, predict_lib, tf, path):
