@@ -17,6 +17,11 @@ CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 CROP_ATTEMPTS = 10  # tries before falling back to a center crop, as torchvision
 EVAL_RESIZE_RATIO = 256 / 224  # Resize(256) before CenterCrop(224), scaled to any image_size
+# Evaluation and serving resize the whole image before the center crop: a 30000 x 1 PNG (172
+# bytes) became 73 x 2,190,000 float pixels, 3 GB for one request. A longer side beyond this many
+# times the shorter is first cut to its center (the crop only sees the center); images within it
+# are resized untouched.
+EVAL_MAX_ASPECT = 16
 # Passed as `acceptable_fraction` with try_recover_truncated=True: a truncated JPEG that reaches
 # the decoder decodes with its missing rows grey instead of stopping training (TF 2.21 does not
 # always enforce the fraction). Index-time screening (pipelines.sources) already leaves out JPEGs
@@ -199,7 +204,10 @@ def center_crop_for_eval(image, image_size: int, resize_size: int = 0) -> tf.Ten
     recipes give it, e.g. 232 for a 224 crop).
     """
     shape = tf.shape(image)
-    h, w = shape[0], shape[1]
+    h = tf.minimum(shape[0], shape[1] * EVAL_MAX_ASPECT)
+    w = tf.minimum(shape[1], shape[0] * EVAL_MAX_ASPECT)
+    top, left = (shape[0] - h) // 2, (shape[1] - w) // 2
+    image = image[top:top + h, left:left + w]  # all of it unless longer than EVAL_MAX_ASPECT
     short = resize_size or eval_resize_size(image_size)
     # int(short * long / min(h, w)), computed exactly in integers.
     new_h = tf.where(h <= w, short, short * h // w)

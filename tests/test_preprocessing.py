@@ -189,6 +189,28 @@ def test_eval_is_resize_shorter_side_then_center_crop():
     assert np.abs(pil - got).mean() < 2.0
 
 
+@pytest.mark.parametrize("h, w", [(2, 400), (600, 3)])
+def test_eval_of_a_very_long_image_resizes_only_its_centre(h, w, monkeypatch):
+    """A strip 200 times longer than wide: its resized whole would be 37 x 7,400 here (3 GB for a
+    30000 x 1 PNG at 64 px); only its centre, 16 times the short side, is resized. The crop is the
+    resized whole's (same scale, same centre) to within rounding."""
+    rgb = _image(h, w, seed=2)
+    short = min(h, w)
+    new = (37, 37 * w // h) if h <= w else (37 * h // w, 37)
+    whole = np.floor(tf.image.resize(rgb, new, antialias=True).numpy() + 0.5)
+    top, left = round((new[0] - 32) / 2), round((new[1] - 32) / 2)
+    want = whole[top:top + 32, left:left + 32]
+    sizes = []
+    resize = pp._resize_uint8
+    monkeypatch.setattr(pp, "_resize_uint8", lambda image, size, *a: sizes.append(
+        tuple(np.asarray(size))) or resize(image, size, *a))
+    got = pp.center_crop_for_eval(tf.constant(rgb), 32).numpy()
+    assert sizes == [(37, 37 * 16) if h <= w else (37 * 16, 37)]  # not 37 x 7,400
+    assert got.shape == (32, 32, 3)
+    assert np.abs(got - want).max() <= 2, np.abs(got - want).max()
+    assert pp.EVAL_MAX_ASPECT * short < max(h, w)  # the case the bound is for
+
+
 def test_truncated_jpeg_decodes_what_is_there():
     big = _encode(_image(200, 240, seed=3), "JPEG", quality=90)
     cut = big[: len(big) * 9 // 10]
