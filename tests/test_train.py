@@ -329,6 +329,12 @@ def test_file_cache_is_per_split_file_list_and_input_pipeline(tmp_path, monkeypa
         decoder = train("run2b", image_size=48)
     assert len(decoder - second) == 1 and next(iter(decoder - second)).startswith("imagenet.val-")
     second = decoder
+    # So does another cut of very long images.
+    with monkeypatch.context() as patch:
+        patch.setattr(preprocessing, "EVAL_MAX_ASPECT", 8)
+        bound = train("run2c", image_size=48)
+    assert len(bound - second) == 1 and next(iter(bound - second)).startswith("imagenet.val-")
+    second = bound
     # Another file list (a new training image) gets caches of its own, never the old bytes.
     extra = tmp_path / "imagenet" / "ILSVRC" / "Data" / "CLS-LOC" / "train"
     first_class = sorted(extra.iterdir())[0]

@@ -134,11 +134,12 @@ def validation_dataset(config, data, strategy):
         val = ds_lib.build_eval_dataset(
             source.val, global_batch_size=config.batch_size, **recipe.eval_dataset_options(config),
             input_context=ctx,
-            # The cached pixels depend on the crop (and a non-default resize) size and on the
-            # JPEG decoder: a cache written with another IDCT must not be read back.
+            # The cached pixels depend on the crop (and a non-default resize) size, on the JPEG
+            # decoder and on the cut of very long images: a cache written with another IDCT or
+            # bound must not be read back.
             cache=cache_path(config.cache, ctx, source.val, "val", config.resolved_eval_image_size,
                              *([config.eval_resize_size] if config.eval_resize_size else []),
-                             preprocessing.JPEG_DCT))
+                             preprocessing.JPEG_DCT, preprocessing.EVAL_MAX_ASPECT))
         if several:  # elements are per-replica batches; a step takes one per local replica
             local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
             return val.take(val_steps * local).repeat()
