@@ -12,7 +12,7 @@ SIGNATURES = {
     "BMP": ((0, b"BM"),),
     "WebP": ((0, b"RIFF"), (8, b"WEBP")),
 }
-HEADER_BYTES = 12  # enough to tell every format above
+HEADER_BYTES = 21  # enough to tell every format above, and an animated WebP (is_animated_webp)
 # Bytes that a whole file of the format contains at or near its end.
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 NAMES = ", ".join(list(SIGNATURES)[:-1]) + " or " + list(SIGNATURES)[-1]
@@ -29,6 +29,13 @@ def image_format(header: bytes) -> str | None:
         if all(header[offset:offset + len(part)] == part for offset, part in parts):
             return name
     return None
+
+
+def is_animated_webp(header: bytes) -> bool:
+    """Whether `header` (a file's first HEADER_BYTES) starts an animated WebP: an extended header
+    (VP8X chunk) with the animation flag. TensorFlow decodes only still WebP images."""
+    return (image_format(header) == "WebP" and header[12:16] == b"VP8X" and len(header) > 20
+            and bool(header[20] & 2))
 
 
 def error_line(message: str) -> str:

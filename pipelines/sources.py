@@ -53,7 +53,8 @@ INDEX_FILE = ".keras_resnet_index.npz"
 # that are class ids with spaces, ImageIds with any extension, NFC/NFD names, names with line
 # breaks skipped, end markers found past the 4 KiB tail, an empty val/ beside a CSV reported;
 # 8: WebP images with an alpha channel decode (an index built with --check_images=decode
-# had left them out); an ImageId on several CSV rows takes its first row's label (was the last)
+# had left them out); an ImageId on several CSV rows takes its first row's label (was the last);
+# animated WebP files are left out at the header check (they became stand-ins in training)
 INDEX_VERSION = 8
 # Folder names of the validation split, in order of preference (Kaggle: val/; many datasets
 # published in the ImageFolder layout: valid/ or validation/).
@@ -581,6 +582,8 @@ def screen_file(path: str, decode: bool = False) -> str:
             return f"unreadable: {e.strerror or e}"
         if not ends:
             return f"truncated {kind} (no end marker)"
+    if formats.is_animated_webp(head):  # TensorFlow cannot decode it
+        return "animated WebP (TensorFlow decodes still images only; save its first frame)"
     if kind:
         return _decode_problem(path) if decode else ""
     for magic, name in UNSUPPORTED_MAGIC.items():

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from pipelines import formats
 from pipelines import preprocessing as pp
 
 
@@ -108,6 +109,9 @@ def test_animated_webp_fails_with_an_error_not_a_crash(data):
     # aborts): it must keep failing with an error, which the dataset's stand-in catches.
     assert pp._is_animated_webp(data).numpy()
     assert not pp._is_animated_webp(_webp("RGBA")).numpy() and not pp._is_animated_webp(b"").numpy()
+    # The header check (no TensorFlow) leaves such a file out before training, naming it.
+    assert formats.is_animated_webp(data[:formats.HEADER_BYTES])
+    assert not formats.is_animated_webp(_webp("RGBA")[:formats.HEADER_BYTES])
     with pytest.raises(tf.errors.InvalidArgumentError, match="Animation"):
         pp.decode_image(data)
 

@@ -292,6 +292,10 @@ def test_screen_file(tree, tmp_path):
     # Every format the decoder reads is kept; others are named.
     for name, data, want in (("gif", b"GIF89a" + b"\0" * 20, ""),
                              ("webp", b"RIFF\x10\0\0\0WEBPVP8 " + b"\0" * 20, ""),
+                             # An extended header: still (flags 0x10, alpha) or animated (0x02).
+                             ("still", b"RIFF\x10\0\0\0WEBPVP8X\n\0\0\0\x10" + b"\0" * 20, ""),
+                             ("animated", b"RIFF\x10\0\0\0WEBPVP8X\n\0\0\0\x12" + b"\0" * 20,
+                              "animated WebP (TensorFlow decodes still images only"),
                              ("wav", b"RIFF\x10\0\0\0WAVEfmt " + b"\0" * 20, "RIFF (not WebP)"),
                              ("tiff", b"II*\x00" + b"\0" * 20, "unsupported image format TIFF"),
                              ("png", b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "truncated PNG")):
