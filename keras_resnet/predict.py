@@ -60,8 +60,9 @@ def main(flag_values, images):
             else:
                 predicted += 1
     if predicted + failed > 1:
-        print(f"{predicted:,} image{'' if predicted == 1 else 's'} predicted" + (f", {failed:,} failed (the error lines above)"
-                                                   if failed else "") + ".", file=sys.stderr)
+        failures = f", {failed:,} failed (the error lines above)" if failed else ""
+        print(f"{predicted:,} image{'' if predicted == 1 else 's'} predicted{failures}.",
+              file=sys.stderr)
     return 1 if failed else 0
 
 

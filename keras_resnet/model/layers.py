@@ -88,9 +88,7 @@ def _replace_classes(config, table):
 
 def _rebuilt(model, table):
     """A copy of the functional `model` whose layers are those of `table`, same weights."""
-    config = {"class_name": model.__class__.__name__, "config": model.get_config(),
-              "module": "keras", "registered_name": None}
-    copy = keras.Model.from_config(_replace_classes(config, table)["config"])
+    copy = keras.Model.from_config(_replace_classes(model.get_config(), table))
     copy.set_weights(model.get_weights())
     return copy
 
