@@ -79,6 +79,8 @@ def test_the_files_left_out_are_counted_and_listed(tree, out, capsys):
     assert {p: r for p, r in rows[1:]} == dict(sources.load_source("imagenet", tree["root"]).skipped)
     for path, reason in tree["broken"].items():
         assert reason in dict(rows[1:])[path]
+    # A run on the shards reads the list (and writes it into its run folder, with a warning).
+    assert sources.load_source("shards", out).skipped == [tuple(row) for row in rows[1:]]
     # The command says so, also when the dataset is already complete (nothing rewritten).
     assert prepare.run([f"--data_dir={tree['root']}", f"--out={out}",
                         f"--shard_mb={SHARD_MB}", "--workers=1"]) == 0
