@@ -610,36 +610,12 @@ INT8_FORMATS = {"litert_int8": ("int8.tflite", "litert"), "onnx_int8": ("int8.on
 CALIBRATION_IMAGES = 200
 
 
-@pytest.fixture(scope="module")
-def held_out_images(demo_run):
-    """The demo training images that the int8 exports below do not calibrate on (1,000 of 1,200),
-    preprocessed as the validation images, and their labels: more images to measure agreement on."""
-    import tensorflow as tf
-
-    from keras_resnet.serving.calibration import sample_files
-    from pipelines.preprocessing import preprocess_for_eval
-    from pipelines.sources import load_source
-
-    train = load_source("demo", demo_run[0]).train
-    calibration = set(sample_files(train.files, CALIBRATION_IMAGES))  # the export's own draw
-    kept = [(f, label) for f, label in zip(train.files, train.labels, strict=True)
-            if f not in calibration]
-    assert len(kept) == len(train.files) - CALIBRATION_IMAGES
-    images = np.stack([preprocess_for_eval(tf.io.read_file(f), SIZE).numpy()
-                       for f, _ in kept]).astype(np.float32)
-    return images, np.asarray([label for _, label in kept])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", sorted(INT8_FORMATS))
-def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, held_out_images, tmp_path, fmt,
-                                                       capfd):
+def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt, capfd):
     import keras
 
-    data_dir, model_dir, val_images, val_labels = demo_run
-    images = np.concatenate([val_images, held_out_images[0]])
-    labels = np.concatenate([val_labels, held_out_images[1]])
-    val = np.arange(len(images)) < len(val_images)
+    data_dir, model_dir, images, labels = demo_run
     model = keras.saving.load_model(os.path.join(model_dir, "best.keras"), compile=False)
     expected = _run_batches(lambda x: _keras_probabilities(model, x), images).argmax(1)
     name, float_fmt = INT8_FORMATS[fmt]
@@ -653,20 +629,14 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, held_out_images,
     runner = formats.load_runner(output)
     assert runner.format == fmt
     got = _run_batches(runner, images).argmax(1)
-    agree = got == expected
-    drop = (expected[val] == labels[val]).mean() - (got[val] == labels[val]).mean()
+    agreement = (got == expected).mean()
+    drop = (expected == labels).mean() - (got == labels).mean()
     with capfd.disabled():
-        print(f"\n{fmt}: top-1 agreement {agree[val].mean():.3f} on the {val.sum()} validation "
-              f"images ({agree.mean():.4f} on {len(agree)} with the held-out training images), "
-              f"accuracy drop {100 * drop:.1f} points")
-    # The issue's bar: >= 99% agreement and <= 1 point lost on the 250 validation images. Int8
-    # changes the top-1 of 0.3-0.7% of this model's images (near ties; measured over trainings on
-    # val + held-out training images, both formats, two CPUs), so on 250 images (one = 0.4%) the
-    # 99% misses by chance on 6-15% of trainings (3+ images; 4 were seen once). The
-    # agreement is asserted on all 1,250 images, which a regression cannot hide in: >= 98.5%
-    # holds with margin at those rates and fails a quantizer that flips 2% of images 9 times in
-    # 10. Issue #17 stays open on the 99% on 250.
-    assert agree.mean() >= 0.985 and drop <= 0.01
+        print(f"\n{fmt}: top-1 agreement {agreement:.4f} on the {len(labels)} validation images, "
+              f"accuracy drop {100 * drop:.2f} points")
+    # The issue's bar: 99% allows 20 changed top-1s of the 2,000. Int8 changes near ties: 6-15
+    # on three trainings with these settings (both formats, README "Deploy").
+    assert len(labels) == 2000 and agreement >= 0.99 and drop <= 0.01
     float_file = str(tmp_path / ("float" + os.path.splitext(name)[1]))
     assert export_cmd.run([f"--model_dir={model_dir}", f"--format={float_fmt}",
                            f"--output={float_file}"]) == 0
@@ -715,6 +685,8 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, held_out_images,
         with capfd.disabled():
             print(f"onnx_int8 in OpenVINO: top-1 agreement {openvino_agreement:.4f} on "
                   f"{len(expected)}")
+        # Its kernels round otherwise (17, 3 and 7 of 2,000 changed on seeds 0-2, ONNX Runtime
+        # 13, 10 and 6): the file is made for ONNX Runtime; OpenVINO's reading is held lower.
         assert openvino_agreement >= 0.985
 
 

@@ -17,6 +17,7 @@ from keras_resnet import export as export_cmd
 from keras_resnet.model import weights
 from keras_resnet.serving import evaluate
 from pipelines import preprocessing
+from pipelines.demo import make_demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -25,6 +26,8 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_eval")
+    # The demo with 25 validation images per class, not 200: these tests are about the command.
+    make_demo(str(root / "data"), val_per_class=25)
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "train_main.py"), "--flagfile=configs/demo.flags",
          f"--data_dir={root / 'data'}", f"--model_dir={root / 'run'}",
@@ -52,7 +55,7 @@ def test_evaluate_gives_the_runs_top1(demo_run):
     for path in (demo_run / "export", run_dir / "best.keras"):
         status, result = _evaluate(demo_run, path)
         assert status == 0
-        assert result["images"] == 250  # the demo's 10 x 25 validation images
+        assert result["images"] == 250  # the 10 x 25 validation images made above
         assert result["top1"] == pytest.approx(recorded["val_top1"], abs=1e-6), path
         assert result["top5"] == pytest.approx(recorded["val_top5"], abs=1e-6), path
         assert (result["protocol"], result["crop_size"], result["resize_size"]) == (
@@ -181,7 +184,6 @@ def test_a_fixres_saved_model_is_evaluated_at_its_own_sizes(tmp_path):
 
     from keras_resnet.model.resnet import build_resnet
     from keras_resnet.serving import export
-    from pipelines.demo import make_demo
     from pipelines.sources import load_source
 
     keras.utils.set_random_seed(0)
@@ -256,7 +258,6 @@ def test_saved_model_evaluation_leaves_out_a_broken_file_and_refuses_other_class
 
     from keras_resnet.model.resnet import build_resnet
     from keras_resnet.serving import export
-    from pipelines.demo import make_demo
     from pipelines.sources import load_source
 
     keras.utils.set_random_seed(0)
@@ -297,7 +298,6 @@ def test_a_classes_json_of_another_model_beside_a_keras_file_is_refused(tmp_path
 
     from keras_resnet.model.resnet import build_resnet
     from keras_resnet.serving import export
-    from pipelines.demo import make_demo
     from pipelines.sources import load_source
 
     keras.utils.set_random_seed(0)
@@ -323,7 +323,6 @@ def test_evaluate_names_the_validation_files_the_listing_left_out(tmp_path, caps
 
     from keras_resnet.model.resnet import build_resnet
     from keras_resnet.serving import export
-    from pipelines.demo import make_demo
     from pipelines.sources import load_source
 
     keras.utils.set_random_seed(0)

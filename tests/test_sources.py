@@ -1,5 +1,6 @@
 """pipelines.sources on tiny trees in the Kaggle and ImageFolder layouts, TFDS mocks and the demo."""
 
+import json
 import os
 import shutil
 
@@ -414,6 +415,24 @@ def test_demo_is_kaggle_layout_deterministic_and_idempotent(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
 
+def test_demo_of_an_earlier_version_is_rebuilt_with_the_same_training_images(tmp_path, capsys):
+    kw = dict(num_classes=3, train_per_class=2, image_size=32)
+    root = demo.make_demo(str(tmp_path / "demo"), val_per_class=1, **kw)
+    marker = os.path.join(root, demo.MARKER)
+    meta = json.load(open(marker))
+    json.dump({**meta, "version": 1}, open(marker, "w"))     # as the 250-image demo wrote it
+    train = load_source("imagenet", root).train
+    before = {f: open(f, "rb").read() for f in train.files}
+    assert demo.make_demo(root, val_per_class=4, **kw) == root
+    assert "version 1; rebuilding it as version 2" in capsys.readouterr().err
+    assert json.load(open(marker))["version"] == demo.DEMO_VERSION
+    src = load_source("imagenet", root)   # re-indexed: the tree is new
+    assert src.val.num_examples == 12
+    assert {f: open(f, "rb").read() for f in src.train.files} == before
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    assert demo.make_demo(root, val_per_class=4, **kw) == root and not capsys.readouterr().err
+
+
 def test_demo_refuses_a_foreign_dir_and_clears_stale_builds(tmp_path):
     foreign = tmp_path / "data"
     foreign.mkdir()
@@ -429,7 +448,7 @@ def test_demo_refuses_a_foreign_dir_and_clears_stale_builds(tmp_path):
 def test_load_source_demo_makes_it_on_first_use(tmp_path):
     src = load_source("demo", str(tmp_path / "demo"))
     assert src.name == "demo" and src.num_classes == 10
-    assert src.train.num_examples >= 1000 and src.val.num_examples >= 200 and not src.skipped
+    assert src.train.num_examples == 1200 and src.val.num_examples == 2000 and not src.skipped
     assert np.bincount(src.val.labels).min() > 0
 
 
