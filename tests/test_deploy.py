@@ -690,6 +690,91 @@ def test_int8_keeps_top1_on_the_demo_validation_split(demo_run, tmp_path, fmt, c
         assert openvino_agreement >= 0.985
 
 
+def test_onnx_calibration_holds_a_bounded_number_of_images_at_once(sharp, tmp_path, monkeypatch,
+                                                                    capfd):
+    """ONNX Runtime's calibrator keeps every activation of every image it is given; a large model
+    gets the images in passes that fit the memory bound, and the ranges barely move."""
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import calibrate, shape_inference
+
+    from keras_resnet.serving import onnx as onnx_format
+
+    assert onnx_format.calibration_pass(200, 200 << 20, 2 << 30) == 10     # ResNet-50-sized
+    assert onnx_format.calibration_pass(200, 1 << 20, 2 << 30) == 200      # this test's model
+    assert onnx_format.calibration_pass(199, 200 << 20, 2 << 30) == 1      # passes are equal
+    assert onnx_format.calibration_pass(7, 1 << 40, 2 << 30) == 1
+    model, _ = sharp
+    meta = deploy.metadata(fmt="onnx_int8", image_size=SIZE, class_ids=["a"] * CLASSES,
+                           class_names=["a"] * CLASSES)
+    proto = onnx_format.to_onnx(model, image_size=SIZE, meta=meta)
+    # What quantize measures, on the model as it prepares it: at least the stem's output.
+    onnx.save(proto, str(tmp_path / "f.onnx"))
+    shape_inference.quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "p.onnx"))
+    per_image = onnx_format.activation_bytes(onnx.load(str(tmp_path / "p.onnx")))
+    assert 4 * (SIZE // 2) ** 2 * 64 < per_image < 50 << 20
+    calibration_set = _images(12, seed=5)
+    passes = []
+    collect = calibrate.HistogramCalibrater.collect_data
+    monkeypatch.setattr(calibrate.HistogramCalibrater, "collect_data",
+                        lambda self, reader: (passes.append(reader.end - reader.next),
+                                              collect(self, reader)))
+
+    def quantized(memory):
+        passes.clear()
+        result = onnx_format.quantize(proto, lambda: (x[None] for x in calibration_set),
+                                      memory=memory)
+        session = onnxruntime.InferenceSession(result.SerializeToString())
+        return (lambda x: session.run(None, {deploy.INPUT_NAME: x})[0]), list(passes)
+
+    whole, whole_passes = quantized(onnx_format.CALIBRATION_MEMORY)
+    split, split_passes = quantized(4 * per_image + 1)
+    assert whole_passes == [12] and split_passes == [4, 4, 4]
+    assert "12 images in passes of 4 (bounded memory)" in capfd.readouterr().err
+    images = _images(8, seed=6)
+    a, b = whole(images), split(images)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75 and np.abs(a - b).max() < 0.1
+
+
+def test_onnx_conversion_skips_tf2onnx_graph_copies_and_falls_back(sharp, monkeypatch):
+    """tf2onnx copies the whole graph before each optimizer unless told not to (ResNet-152: 13.1
+    GB peak against 10.2); when an optimizer fails that way, the conversion runs again with them."""
+    import onnxruntime
+    import tf2onnx
+
+    from keras_resnet.serving import onnx as onnx_format
+
+    monkeypatch.delenv("TF2ONNX_CATCH_ERRORS", raising=False)
+    calls, optimize = [], tf2onnx.optimizer.optimize_graph
+
+    def recording(graph, catch_errors=True, optimizers=None):
+        calls.append(catch_errors)
+        return optimize(graph, catch_errors, optimizers)
+
+    monkeypatch.setattr(tf2onnx.optimizer, "optimize_graph", recording)
+    model, _ = sharp
+    meta = deploy.metadata(fmt="onnx", image_size=SIZE, class_ids=["a"] * CLASSES,
+                           class_names=["a"] * CLASSES)
+    plain = onnx_format.to_onnx(model, image_size=SIZE, meta=meta)
+    assert calls == [False] and "TF2ONNX_CATCH_ERRORS" not in os.environ
+
+    def failing_without_copies(graph, catch_errors=True, optimizers=None):
+        calls.append(catch_errors)
+        if not catch_errors:
+            raise RuntimeError("an optimizer failed")
+        return optimize(graph, catch_errors, optimizers)
+
+    calls.clear()
+    monkeypatch.setattr(tf2onnx.optimizer, "optimize_graph", failing_without_copies)
+    again = onnx_format.to_onnx(model, image_size=SIZE, meta=meta)
+    assert calls == [False, True] and "TF2ONNX_CATCH_ERRORS" not in os.environ
+    assert [n.op_type for n in again.graph.node] == [n.op_type for n in plain.graph.node]
+    images = _images()
+    got = [onnxruntime.InferenceSession(p.SerializeToString()).run(
+        None, {deploy.INPUT_NAME: images})[0] for p in (plain, again)]
+    assert np.array_equal(*got) and np.abs(got[0] - _keras_probabilities(model, images)).max() < 1e-4
+
+
 def test_contract_text_points_at_the_files_resize_size():
     """The `preprocessing` text inside every runtime file is what a client follows: with a FixRes
     or --resize_size export it must not say S*256/224 while `resize_size` says otherwise."""
