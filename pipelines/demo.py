@@ -64,6 +64,8 @@ def make_demo(root: str, *, num_classes: int = 10, train_per_class: int = 120,
     try:
         _write_tree(tmp, num_classes, train_per_class, val_per_class, image_size, seed)
         if old_version is not None:
+            if _version(marker) == DEMO_VERSION:   # another process rebuilt it meanwhile
+                return root
             # Aside, then replaced: a reader sees the old tree, none for an instant, or the new.
             aside = make_temp_dir(parent, os.path.basename(root) + "-old")
             with contextlib.suppress(FileNotFoundError):   # another process moved it first

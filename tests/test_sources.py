@@ -433,6 +433,24 @@ def test_demo_of_an_earlier_version_is_rebuilt_with_the_same_training_images(tmp
     assert demo.make_demo(root, val_per_class=4, **kw) == root and not capsys.readouterr().err
 
 
+def test_demo_rebuilt_by_another_process_meanwhile_is_left_alone(tmp_path, monkeypatch):
+    kw = dict(num_classes=2, train_per_class=1, val_per_class=1, image_size=32)
+    root = demo.make_demo(str(tmp_path / "demo"), **kw)
+    marker = os.path.join(root, demo.MARKER)
+    json.dump({**json.load(open(marker)), "version": 1}, open(marker, "w"))
+    write_tree = demo._write_tree
+
+    def and_another_process_finishes(out, *args):
+        write_tree(out, *args)
+        json.dump({"version": demo.DEMO_VERSION}, open(marker, "w"))   # its rebuild, done
+        open(os.path.join(root, "theirs"), "w").close()
+
+    monkeypatch.setattr(demo, "_write_tree", and_another_process_finishes)
+    assert demo.make_demo(root, **kw) == root
+    assert os.path.exists(os.path.join(root, "theirs"))        # their tree stays in place
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
 def test_demo_refuses_a_foreign_dir_and_clears_stale_builds(tmp_path):
     foreign = tmp_path / "data"
     foreign.mkdir()
