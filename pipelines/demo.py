@@ -47,12 +47,12 @@ def make_demo(root: str, *, num_classes: int = 10, train_per_class: int = 120,
     root = os.path.abspath(root)
     marker = os.path.join(root, MARKER)
     old_version = _version(marker)
-    if old_version == DEMO_VERSION:
+    if old_version is not None and old_version >= DEMO_VERSION:  # a newer one is used as it is
         return root
     if old_version is not None:
         print(f"{root} holds demo dataset version {old_version}; rebuilding it as version "
-              f"{DEMO_VERSION} (a larger validation split, the same training images)",
-              file=sys.stderr, flush=True)
+              f"{DEMO_VERSION} ({val_per_class} validation images per class, the same training "
+              "images)", file=sys.stderr, flush=True)
     elif os.path.isdir(root) and os.listdir(root):
         raise DataError(f"{root} exists and is not a demo dataset (no {MARKER}): "
                         "pass an empty or new --data_dir for --dataset=demo")
@@ -60,7 +60,16 @@ def make_demo(root: str, *, num_classes: int = 10, train_per_class: int = 120,
         raise ValueError(f"num_classes={num_classes}: must be in [1, {len(CLASSES)}]")
     parent = os.path.dirname(root)
     remove_stale_temps(parent)
-    tmp = make_temp_dir(parent, os.path.basename(root))
+    try:
+        tmp = make_temp_dir(parent, os.path.basename(root))
+    except OSError as error:
+        if old_version is None:
+            raise DataError(f"cannot create the demo dataset in {parent}: {error}; pass a "
+                            "writable --data_dir") from error
+        print(f"{root}: cannot rebuild it ({error}); using version {old_version} as it is",
+              file=sys.stderr, flush=True)
+        return root
+    aside = None
     try:
         _write_tree(tmp, num_classes, train_per_class, val_per_class, image_size, seed)
         if old_version is not None:
@@ -70,7 +79,6 @@ def make_demo(root: str, *, num_classes: int = 10, train_per_class: int = 120,
             aside = make_temp_dir(parent, os.path.basename(root) + "-old")
             with contextlib.suppress(FileNotFoundError):   # another process moved it first
                 os.rename(root, aside)
-            shutil.rmtree(aside, ignore_errors=True)
         # Atomic: root is absent or complete. Another process may have won the race; its tree
         # is as good as ours.
         if not rename_dir_if_absent(tmp, root) and _version(marker) != DEMO_VERSION:
@@ -78,11 +86,14 @@ def make_demo(root: str, *, num_classes: int = 10, train_per_class: int = 120,
                             "a demo dataset; pass an empty or new --data_dir")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside:
+            shutil.rmtree(aside, ignore_errors=True)
     return root
 
 
 def _version(marker: str) -> int | None:
-    """The version in a demo tree's marker file: None without one, 0 when it is unreadable."""
+    """The version in a demo tree's marker file: None without one, 0 when it is unreadable (then
+    the tree is rebuilt)."""
     try:
         with open(marker) as f:
             return int(json.load(f).get("version", 0))

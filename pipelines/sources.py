@@ -870,7 +870,7 @@ def _load_shards(data_dir: str) -> Source:
     # What prepare left out (its skipped_files.tsv; absent in shards of earlier versions), so a
     # run on the shards reports it as a run on the files does.
     skipped = [tuple(line.split("\t", 1)) for line in
-               (read(SKIPPED_REPORT, required=False) or "").splitlines()[1:] if "\t" in line]
+               (read(SKIPPED_REPORT, required=False) or "").split("\n")[1:] if "\t" in line]
     return Source(name=info["name"], class_ids=class_ids, class_names=list(class_names),
                   train=split_of(SHARDS_SPLITS["train"]), val=split_of(SHARDS_SPLITS["val"]),
                   skipped=skipped, layout="shards", root=root)

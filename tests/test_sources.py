@@ -451,6 +451,24 @@ def test_demo_rebuilt_by_another_process_meanwhile_is_left_alone(tmp_path, monke
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
 
+def test_demo_of_a_newer_version_or_on_a_read_only_disk_is_used_as_it_is(tmp_path, monkeypatch,
+                                                                          capsys):
+    kw = dict(num_classes=2, train_per_class=1, val_per_class=1, image_size=32)
+    root = demo.make_demo(str(tmp_path / "demo"), **kw)
+    marker = os.path.join(root, demo.MARKER)
+    meta = json.load(open(marker))
+    for version, message in ((demo.DEMO_VERSION + 1, ""),
+                             (1, "cannot rebuild it (read-only); using version 1 as it is")):
+        json.dump({**meta, "version": version}, open(marker, "w"))
+        monkeypatch.setattr(demo, "make_temp_dir", lambda *a: (_ for _ in ()).throw(
+            PermissionError("read-only")))
+        assert demo.make_demo(root, **kw) == root
+        assert json.load(open(marker))["version"] == version
+        assert message in capsys.readouterr().err
+    with pytest.raises(DataError, match="cannot create the demo dataset in .*read-only.*writable"):
+        demo.make_demo(str(tmp_path / "new"), **kw)
+
+
 def test_demo_refuses_a_foreign_dir_and_clears_stale_builds(tmp_path):
     foreign = tmp_path / "data"
     foreign.mkdir()
