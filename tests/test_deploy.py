@@ -701,7 +701,8 @@ def test_onnx_calibration_holds_a_bounded_number_of_images_at_once(sharp, tmp_pa
 
     assert onnx_format.calibration_pass(200, 200 << 20, 2 << 30) == 10     # ResNet-50-sized
     assert onnx_format.calibration_pass(200, 1 << 20, 2 << 30) == 200      # this test's model
-    assert onnx_format.calibration_pass(199, 200 << 20, 2 << 30) == 10
+    assert onnx_format.calibration_pass(199, 200 << 20, 2 << 30) == 9      # 198: one left out
+    assert onnx_format.calibration_pass(200, (2 << 30) // 9, 2 << 30) == 8  # none left out
     assert onnx_format.calibration_pass(7, 1 << 40, 2 << 30) == 1
     model, _ = sharp
     meta = deploy.metadata(fmt="onnx_int8", image_size=SIZE, class_ids=["a"] * CLASSES,

@@ -258,9 +258,11 @@ def activation_bytes(proto):
 
 
 def calibration_pass(count, per_image, memory):
-    """Images per calibration pass: the most of `count` that fit in `memory` at `per_image`
-    bytes each, at least 1."""
-    return max(1, min(count, memory // max(per_image, 1)))
+    """Images per calibration pass, at least 1: of the sizes from half the most that fit in
+    `memory` at `per_image` bytes each up to that most, the one that leaves the fewest of `count`
+    images out of equal passes (then the largest)."""
+    most = max(1, min(count, memory // max(per_image, 1)))
+    return min(range(most, (most + 1) // 2 - 1, -1), key=lambda n: count % n)
 
 
 def write_onnx(model, output, *, image_size, class_ids, class_names, calibration=None,
