@@ -107,7 +107,8 @@ def to_onnx(model, *, image_size, meta):
 
 
 def _raised_in(error, module_prefix):
-    """Whether a frame of `error`'s traceback runs code of a module named `module_prefix`..."""
+    """Whether `error`'s traceback passes through a module whose name starts with
+    `module_prefix`."""
     tb = error.__traceback__
     while tb is not None:
         if tb.tb_frame.f_globals.get("__name__", "").startswith(module_prefix):
@@ -121,8 +122,9 @@ def _tf2onnx_without_copies():
     """tf2onnx deep-copies the whole graph, weights included, before each of its graph optimizers
     on every pass, so that one that fails can be skipped; the copies wait for the garbage
     collector. Converting ResNet-50 at 224 px peaked at 7.0 GB, ResNet-152 at 13.1 GB (50 s);
-    without the copies at 4.3 GB and 10.2 GB (34 s), the same file byte for byte. Its switch is the presence of
-    TF2ONNX_CATCH_ERRORS (the value is not read; "FALSE" still means off if it ever is)."""
+    without the copies at 4.3 GB and 10.2 GB (34 s), the same file byte for byte. Its switch is
+    the presence of TF2ONNX_CATCH_ERRORS (the value is not read; "FALSE" still means off if it
+    ever is)."""
     name, before = "TF2ONNX_CATCH_ERRORS", os.environ.get("TF2ONNX_CATCH_ERRORS")
     os.environ[name] = "FALSE"
     try:
