@@ -7,8 +7,8 @@ ImageNet: `LOC_synset_mapping.txt`, an unsorted `LOC_val_solution.csv` with boxe
 Deterministic (fixed seed); built in a temp dir and renamed, so a half-made tree is never used.
 
 The validation split (200 images per class, 2,000 in all) is larger than the training split: it
-is the instrument for 1-point questions (int8 against float32, a resumed run against an
-uninterrupted one), and at 250 images one image was 0.4 points. Version 1 had 25 per class; a
+is the instrument for 1-point questions (int8 against float32), and at 250 images one image was
+0.4 points. Version 1 had 25 per class; a
 version-1 tree is rebuilt on first use (the training images are the same, drawn first from the
 same seed).
 """
